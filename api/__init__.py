@@ -1,0 +1,28 @@
+"""aitrain: distributed PyTorch training launcher and fabric tuner.
+
+The code lives in three subpackages: ``aitrain.launcher`` (CLI, config, backends,
+tracking), ``aitrain.fabric`` (probe, check, tune) and ``aitrain.strategies``
+(DDP, FSDP2, HSDP, TP, PP over one DeviceMesh). Importing ``aitrain`` is cheap:
+nothing heavy (torch, ray, mlflow) is imported until it is used.
+"""
+
+from __future__ import annotations
+
+from aitrain.errors import (
+    AitrainError,
+    BackendError,
+    ConfigError,
+    FabricError,
+    JobFailedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AitrainError",
+    "BackendError",
+    "ConfigError",
+    "FabricError",
+    "JobFailedError",
+    "__version__",
+]
