@@ -1,0 +1,85 @@
+"""The ``aitrain`` command.
+
+Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
+``run(args) -> int``; modules are imported when the command line needs them,
+so ``aitrain --help`` stays fast (no torch, ray or mlflow import).
+
+``aitrain launch`` is special: everything after it goes to Hydra untouched
+(overrides, ``-m``, ``--cfg job``, ``--help``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from aitrain import __version__
+from aitrain.errors import AitrainError
+
+# name -> (module, one-line help). Order is the order shown in --help.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "launch": ("aitrain.launcher.cli_launch", "compose a job with Hydra overrides and run it"),
+    "fabric": ("aitrain.launcher.cli_fabric", "probe, check and tune the network fabric"),
+    "host": ("aitrain.launcher.cli_host", "check and tune host kernel settings and limits"),
+}
+
+EPILOG = """examples:
+  aitrain launch                                  run the default job locally
+  aitrain launch +strategy=ddp nproc_per_node=2 train.steps=50
+  aitrain launch strategy=fsdp dry_run=true       print the plan, start nothing
+  aitrain launch --help                           config groups and options
+  aitrain fabric check --json                     validate this host's fabric
+"""
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    found = {}
+    for name, (module, help_) in SUBCOMMANDS.items():
+        if importlib.util.find_spec(module) is not None:
+            found[name] = (module, help_)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aitrain",
+        description="Distributed PyTorch training launcher and fabric tuner.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"aitrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in _available().items():
+        if name == "launch":
+            sub.add_parser(name, help=help_, add_help=False)
+            continue
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "launch":
+            from aitrain.launcher.cli_launch import run_launch
+
+            return run_launch(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        module = importlib.import_module(_available()[args.command][0])
+        return int(module.run(args) or 0)
+    except AitrainError as e:
+        print(f"aitrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("aitrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
