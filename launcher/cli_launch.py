@@ -1,0 +1,171 @@
+"""``aitrain launch``: Hydra composes the job, a backend plans and runs it.
+
+Everything after ``launch`` is Hydra's command line (overrides, ``-m``,
+``--cfg job``, ``--help``). Two things happen before Hydra sees it:
+
+* ``+group=option`` for a group that is already in the defaults list
+  (``+strategy=fsdp``, what users type) becomes ``group=option``; Hydra alone
+  would fail with "Multiple values for strategy".
+* every ``key=value`` is checked against the typed schema, so a misspelt key
+  fails at once with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aitrain import __version__
+from aitrain.errors import AitrainError, JobFailedError
+from aitrain.launcher.config import DEFAULT_GROUPS, JobConfig, register_configs, to_job_config, validate_overrides
+
+_ADD_GROUP = re.compile(r"^\+(%s)=" % "|".join(DEFAULT_GROUPS))
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """``+strategy=fsdp`` -> ``strategy=fsdp`` for groups in the defaults list."""
+    return [_ADD_GROUP.sub(r"\1=", a) for a in argv]
+
+
+def run_launch(argv: list[str]) -> int:
+    from hydra._internal.utils import get_args_parser
+
+    argv = normalize_overrides(argv)
+    ns = get_args_parser().parse_args(argv)
+    if not (ns.help or ns.hydra_help):
+        validate_overrides(list(ns.overrides))
+    register_configs()
+    _hydra_main(argv)
+    return 0
+
+
+def _hydra_main(argv: list[str]) -> None:
+    import hydra
+
+    @hydra.main(config_path="pkg://aitrain.configs", config_name="config", version_base="1.3")
+    def _task(cfg: Any) -> None:
+        try:
+            code = launch(cfg)
+        except AitrainError as e:
+            print(f"aitrain: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
+        if code:
+            raise SystemExit(code)
+
+    saved = sys.argv
+    sys.argv = ["aitrain launch", *argv]
+    try:
+        _task()
+    finally:
+        sys.argv = saved
+
+
+def _resolved_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def launch(cfg: Any) -> int:
+    """Plan and run one composed job (one Hydra job; a multirun calls this per job)."""
+    from omegaconf import OmegaConf
+
+    from aitrain.launcher.backends import get_backend
+    from aitrain.launcher.job import JobSpec, rank_program
+    from aitrain.strategies.plan import ParallelPlan
+
+    job: JobConfig = to_job_config(cfg)
+    world = job.nnodes * job.nproc_per_node
+    if world < 1:
+        raise AitrainError(f"nnodes={job.nnodes} x nproc_per_node={job.nproc_per_node} gives no ranks",
+                           "set nnodes and nproc_per_node to 1 or more")
+    # Degrees are checked against the world size before any process starts.
+    ParallelPlan.resolve(world_size=world, **vars(job.parallel))
+    if job.script and not Path(job.script).is_file():
+        raise AitrainError(f"script={job.script} does not exist (looked in {Path.cwd()})",
+                           "give a path to a torchrun-compatible Python script")
+
+    run_dir = Path(job.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    config_file = run_dir / "job.yaml"
+    config_file.write_text(_resolved_yaml(cfg))
+
+    spec = JobSpec(
+        name=f"aitrain-{run_dir.name}",
+        run_dir=run_dir,
+        argv=rank_program(job, config_file),
+        nnodes=job.nnodes,
+        nproc_per_node=job.nproc_per_node,
+        config=job,
+    )
+    spec.env.update(
+        AITRAIN_RUN_DIR=str(run_dir),
+        AITRAIN_METRICS_FILE=str(spec.metrics_file),
+        AITRAIN_STRATEGY=job.strategy.name,
+        PYTHONUNBUFFERED="1",
+    )
+    for k, v in job.fabric.env.items():
+        spec.env[k] = str(v)
+        spec.env_reasons[k] = "user-set (fabric.env)"
+
+    backend = get_backend(job.backend)
+    request = backend.dryrun(spec)
+    if job.dry_run:
+        print("# resolved config")
+        print(_resolved_yaml(cfg).rstrip())
+        print("\n# plan (dry run: nothing was started)")
+        print(request)
+        return 0
+
+    tracker = _start_tracker(job, run_dir, resolved, config_file)
+    print(f"aitrain: {world} rank(s), strategy {job.strategy.name}, backend {backend.name}; "
+          f"run dir {run_dir}", flush=True)
+    status = "FAILED"
+    t0 = time.monotonic()
+    try:
+        backend.run(request)
+        status = "FINISHED"
+    except JobFailedError as e:
+        status = "KILLED" if e.exit_code >= 128 else "FAILED"
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+    print(f"aitrain: job finished in {time.monotonic() - t0:.1f}s; run dir {run_dir}"
+          + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker and tracker.run_id else ""),
+          flush=True)
+    return 0
+
+
+def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], config_file: Path) -> Any:
+    if not job.tracking.enabled:
+        return None
+    from aitrain.launcher.tracking import Tracker, flatten, resolve_tracking_uri
+
+    params = flatten({k: v for k, v in resolved.items() if k != "run_dir"})
+    tags = {
+        "strategy": job.strategy.name,
+        "backend": job.backend.name,
+        "world_size": str(job.nnodes * job.nproc_per_node),
+        "nnodes": str(job.nnodes),
+        "host": socket.gethostname(),
+        "aitrain.version": __version__,
+        "aitrain.run_dir": str(run_dir),
+        "aitrain.command": " ".join(["aitrain", "launch", *sys.argv[1:]]),
+    }
+    tracker = Tracker(
+        uri=resolve_tracking_uri(job.tracking.uri, Path(job.run_root)),
+        experiment=job.tracking.experiment,
+        run_name=job.tracking.run_name or f"{job.strategy.name}-{run_dir.name}",
+        run_dir=run_dir,
+        params=params,
+        tags=tags,
+        artifacts=[config_file],
+    )
+    tracker.start()
+    return tracker

@@ -1,0 +1,284 @@
+"""Typed job configuration: the dataclass schemas Hydra composes into.
+
+Every field has a docstring-like comment; a misspelt key or a wrong type fails
+before anything starts (see :func:`validate_overrides`, which names the valid
+keys). The CLI converts the composed ``DictConfig`` to these dataclasses with
+``OmegaConf.to_object`` so the rest of the code sees plain dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from aitrain.errors import ConfigError
+
+# Config groups whose option is chosen in the primary defaults list (configs/config.yaml).
+# `+strategy=fsdp` (what users type) and `strategy=fsdp` must both work: the CLI
+# rewrites `+group=option` for these groups (Hydra would say "Multiple values").
+DEFAULT_GROUPS = ("strategy", "backend", "tracking", "fabric", "model")
+
+
+@dataclass
+class ModelConfig:
+    """The built-in example model: a small GPT-style decoder."""
+
+    name: str = "gpt"  # model family (only the built-in "gpt" for now)
+    vocab_size: int = 256  # tokens in the vocabulary
+    seq_len: int = 64  # context length in tokens
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads
+    d_model: int = 64  # hidden width
+    mlp_ratio: int = 4  # MLP hidden = mlp_ratio * d_model
+    dropout: float = 0.0  # dropout probability (0 keeps runs deterministic)
+
+
+@dataclass
+class DataConfig:
+    """The built-in token dataset, generated deterministically from the seed."""
+
+    kind: str = "markov"  # "markov": tokens from a fixed sparse transition table
+    branching: int = 4  # likely successors per token (sets the loss floor ~ln(branching))
+    num_sequences: int = 4096  # sequences in one epoch of the synthetic dataset
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100  # optimizer steps
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 10  # linear warmup steps, then cosine decay to 10%
+    grad_clip: float = 1.0  # max global gradient norm (0 disables clipping)
+    log_every: int = 10  # print a progress line every N steps (metrics go to MLflow every step)
+    seed: int = 0  # seed for model init and data
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is parallelised (set by the `strategy` group)."""
+
+    name: str = "ddp"  # registered strategy: ddp, fsdp, hsdp, tp, pp, fsdp_tp, fsdp_tp_pp
+    mixed_precision: str = "none"  # none | bf16 (bf16 params, fp32 reduce where supported)
+    activation_checkpointing: str = "none"  # none | selective | full
+    compile: bool = False  # wrap blocks in torch.compile
+    sequence_parallel: bool = False  # TP only: shard norms/dropout along the sequence
+    pp_schedule: str = "1F1B"  # PP only: GPipe | 1F1B | Interleaved1F1B
+    pp_microbatches: int = 4  # PP only: micro-batches per step
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees over the DeviceMesh; -1 means "the rest of the world size"."""
+
+    dp_replicate: int = 1  # data-parallel replicas (DDP / HSDP outer dimension)
+    dp_shard: int = -1  # FSDP shard degree (-1: world / (dp_replicate * tp * pp))
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel stages
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint)."""
+
+    every_n_steps: int = 0  # save every N steps (0: never)
+    dir: Optional[str] = None  # where to save (default: <run_dir>/checkpoints)
+    keep: int = 3  # complete checkpoints kept (oldest removed first)
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (set by the `tracking` group: mlflow | none)."""
+
+    enabled: bool = True  # false: log nothing
+    uri: Optional[str] = None  # MLflow tracking URI (default: sqlite under `run_root`)
+    experiment: str = "aitrain"  # MLflow experiment name
+    run_name: Optional[str] = None  # MLflow run name (default: the run directory's name)
+
+
+@dataclass
+class FabricConfig:
+    """Fabric probe, check and tune (set by the `fabric` group)."""
+
+    check: bool = True  # probe and check the fabric before starting ranks
+    on_error: str = "fail"  # fail | warn: what a fabric error does to the launch
+    tune: bool = True  # derive NCCL/Gloo env from the probed topology
+    interface: Optional[str] = None  # force the socket interface (e.g. ib0)
+    expected_rate_gbps: Optional[float] = None  # RDMA ports slower than this are findings
+    nccl_version: Optional[str] = None  # NCCL version when torch has none (e.g. 2.21.5)
+    env: dict[str, str] = field(default_factory=dict)  # extra env; always wins over tuning
+
+
+@dataclass
+class LocalBackendConfig:
+    """Run all ranks on this machine under torch's elastic agent."""
+
+    name: str = "local"
+    max_restarts: int = 0  # elastic restarts of the whole worker group on failure
+    monitor_interval: float = 0.1  # seconds between health checks of the ranks
+    start_method: str = "spawn"  # how ranks start: spawn (entrypoint module) processes
+
+
+@dataclass
+class JobConfig:
+    """One training job: what to run, where, and how."""
+
+    nnodes: int = 1  # nodes (torchrun's --nnodes)
+    nproc_per_node: int = 2  # ranks per node (torchrun's --nproc-per-node)
+    dry_run: bool = False  # print the plan (config, commands, env per rank) and start nothing
+    script: Optional[str] = None  # a torchrun-compatible script to run instead of the built-in job
+    script_args: list[str] = field(default_factory=list)  # arguments for `script`
+    device: str = "auto"  # auto | cpu | cuda
+    dist_backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
+    run_root: str = "outputs"  # where run directories and the embedded MLflow store live
+    run_dir: str = "${hydra:runtime.output_dir}"  # this launch's directory (set by Hydra)
+    resume: str = "none"  # none | auto (latest complete checkpoint) | <path>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    backend: Any = field(default_factory=LocalBackendConfig)  # set by the `backend` group
+
+
+# Schemas for the `backend` group: one per backend, so `backend.partition` is a
+# typo under `backend=local` and valid under `backend=slurm`.
+BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig}
+
+# Keys under these paths are free-form (maps of user values).
+FREE_FORM = ("fabric.env",)
+
+
+def register_configs() -> None:
+    """Register the schema and the backend options with Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    for name, schema in BACKEND_SCHEMAS.items():
+        cs.store(group="backend", name=name, node=schema)
+
+
+# ---------------------------------------------------------------------------
+# Loud typos: check every override key against the schema before Hydra runs.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of a dataclass schema (for help and error messages)."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        tp = _unwrap(tp)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(schema_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def check_key(key: str, backend: str = "local") -> None:
+    """Raise ConfigError if `key` (dotted) is not in the schema; name the valid keys."""
+    if key.startswith("hydra.") or key == "hydra":
+        return
+    if any(key == p or key.startswith(p + ".") for p in FREE_FORM):
+        return
+    parts = key.split(".")
+    cls: Any = JobConfig
+    path: list[str] = []
+    for part in parts:
+        types = _field_types(cls)
+        if part == "backend" and cls is JobConfig:
+            types["backend"] = BACKEND_SCHEMAS.get(backend, LocalBackendConfig)
+        if part not in types:
+            where = ".".join(path) or "the top level"
+            valid = sorted(types)
+            close = difflib.get_close_matches(part, valid, n=1)
+            full_close = ".".join(path + close) if close else None
+            hint = f"did you mean '{full_close}'? " if full_close else ""
+            raise ConfigError(
+                f"unknown config key '{key}': '{part}' is not a key of {where}. "
+                f"Valid keys there: {', '.join(valid)}.",
+                hint + "`aitrain launch --help` lists every group and option; "
+                "`aitrain launch --cfg job` prints the composed config.",
+            )
+        path.append(part)
+        tp = _unwrap(types[part])
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+        elif part != parts[-1]:
+            # Descending into a leaf (e.g. train.lr.x) is a typo too.
+            raise ConfigError(
+                f"unknown config key '{key}': '{'.'.join(path)}' is a value, not a group.",
+                f"set it directly, e.g. {'.'.join(path)}=...",
+            )
+
+
+def validate_overrides(overrides: list[str]) -> None:
+    """Check the keys of Hydra overrides against the schema (before composition).
+
+    Group selections (`strategy=fsdp`) are left to Hydra, which lists the options.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra's OverrideParseException
+        raise ConfigError(f"could not parse overrides {overrides}: {e}",
+                          "overrides look like key=value, +key=value or group=option") from e
+    backend = "local"
+    for o in parsed:
+        if o.key_or_group == "backend" and o.package is None:
+            value = o.value()
+            if isinstance(value, str):
+                backend = value
+    for o in parsed:
+        key = o.key_or_group
+        if key in DEFAULT_GROUPS or key.split("/")[0] in DEFAULT_GROUPS and "/" in key:
+            continue
+        check_key(key, backend)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """Composed DictConfig -> JobConfig dataclass (the CLI edge)."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, JobConfig), type(obj)
+    return obj
+
+
+def job_config_from_dict(d: dict[str, Any]) -> JobConfig:
+    """Rebuild a JobConfig from its resolved dict (what ranks read from the run dir)."""
+    from omegaconf import OmegaConf
+
+    backend = d.get("backend", {}) or {}
+    schema = BACKEND_SCHEMAS.get(backend.get("name", "local"), LocalBackendConfig)
+    base = OmegaConf.structured(JobConfig)
+    base.run_dir = "."  # the Hydra interpolation only resolves inside `aitrain launch`
+    base.backend = OmegaConf.structured(schema)
+    merged = OmegaConf.merge(base, d)
+    obj = OmegaConf.to_object(merged)
+    assert isinstance(obj, JobConfig)
+    return obj

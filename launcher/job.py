@@ -1,0 +1,42 @@
+"""The backend-neutral job spec: what to run, on how many ranks, with which env."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aitrain.launcher.config import JobConfig
+
+
+@dataclass
+class JobSpec:
+    """Everything a backend needs to plan and start a job; no backend specifics."""
+
+    name: str
+    run_dir: Path
+    argv: list[str]  # the program every rank runs (argv[0] is the executable)
+    nnodes: int
+    nproc_per_node: int
+    env: dict[str, str] = field(default_factory=dict)  # extra env for every rank
+    env_reasons: dict[str, str] = field(default_factory=dict)  # why each env value was set
+    config: JobConfig | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def rank_program(cfg: JobConfig, config_file: Path) -> list[str]:
+    """argv each rank runs: the user's script, or the built-in training job."""
+    if cfg.script:
+        return [sys.executable, "-u", cfg.script, *cfg.script_args]
+    return [sys.executable, "-u", "-m", "aitrain.launcher.train", "--config", str(config_file)]

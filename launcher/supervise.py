@@ -1,0 +1,49 @@
+"""Keep ranks from outliving their launcher.
+
+torch's elastic agent starts each rank in its own session and kills the whole
+process group on teardown. If the launcher itself is SIGKILLed (OOM killer,
+``kill -9``), nothing would stop the ranks; so each rank is started through
+this trampoline, which asks the kernel to SIGKILL it when its parent dies
+(PR_SET_PDEATHSIG survives exec) and then execs the real program.
+
+    python -m aitrain.launcher.supervise -- <program> [args...]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        return False
+
+
+def trampoline_argv(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "aitrain.launcher.supervise", "--", *argv]
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    if not args:
+        print("usage: python -m aitrain.launcher.supervise -- PROGRAM [ARGS...]", file=sys.stderr)
+        sys.exit(2)
+    parent = os.getppid()
+    set_parent_death_signal()
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+    os.execvp(args[0], args)
+
+
+if __name__ == "__main__":
+    main()

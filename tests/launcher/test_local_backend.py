@@ -1,0 +1,196 @@
+"""The local backend with real processes: 2 ranks on gloo through `aitrain launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, aitrain_argv, run_aitrain
+
+FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
+pytestmark = pytest.mark.timeout(300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _wait_pids(pid_dir: Path, n: int, timeout: float = 60) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = list(pid_dir.glob("rank*.pid"))
+        if len(files) == n and all(f.read_text().strip() for f in files):
+            return [int(f.read_text()) for f in files]
+        time.sleep(0.1)
+    raise AssertionError(f"ranks did not start: {list(pid_dir.iterdir())}")
+
+
+def _assert_all_gone(pids: list[int], within: float = 10) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "rank processes left behind"
+
+
+def _mlflow_runs(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("aitrain")
+    assert exp is not None
+    return client.search_runs([exp.experiment_id]), client
+
+
+def test_default_job_trains_and_logs_to_mlflow(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "+strategy=ddp", "nproc_per_node=2", "train.steps=40"], tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "[rank0]:step 1/40" in r.stdout and "[rank0]:step 40/40" in r.stdout
+    # Every rank's output line carries its rank.
+    assert all(line.startswith(("[rank", "aitrain")) for line in r.stdout.splitlines() if line.strip())
+
+    runs, client = _mlflow_runs(tmp_path)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["strategy"] == "ddp" and run.data.tags["world_size"] == "2"
+    assert run.data.tags["backend"] == "local" and run.data.tags["host"]
+    assert run.data.params["train.steps"] == "40"
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 40
+    assert losses[-1] < losses[0] - 1.0, f"loss did not fall: {losses[0]} -> {losses[-1]}"
+    assert client.get_metric_history(run.info.run_id, "tokens_per_s")
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "job.yaml" in artifacts and "logs" in artifacts
+
+
+def test_tracking_none_logs_nothing(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "tracking=none", "train.steps=3", "nproc_per_node=1"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "strategy=ddp", "dry_run=true", "nproc_per_node=3"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "# resolved config" in out and "nproc_per_node: 3" in out
+    for rank in range(3):
+        assert f"rank {rank}:" in out and f"RANK={rank}" in out
+    assert "WORLD_SIZE=3" in out and "MASTER_PORT=" in out and "-m aitrain.launcher.train" in out
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_bad_override_names_the_key_before_anything_starts(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "train.lrr=0.1"], tmp_path)
+    assert r.returncode == 2
+    assert "train.lrr" in r.stderr and "train.lr" in r.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "train.steps=many"], tmp_path)
+    assert r.returncode != 0
+    assert "train.steps" in r.stderr
+
+
+def test_unknown_strategy_lists_known_ones(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "strategy=nope"], tmp_path)
+    assert r.returncode != 0
+    assert "nope" in r.stderr and "ddp" in r.stderr
+
+
+def test_help_lists_groups_and_options(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "--help"], tmp_path)
+    assert r.returncode == 0
+    for word in ("strategy", "backend", "tracking", "fabric", "model", "nproc_per_node", "nnodes"):
+        assert word in r.stdout
+
+
+def test_cfg_job_prints_composed_config(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "+strategy=ddp", "train.lr=0.01", "--cfg", "job"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "lr: 0.01" in r.stdout and "name: ddp" in r.stdout
+
+
+def test_rank_failure_stops_every_rank(tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    r = run_aitrain(["launch", f"script={FAIL_SCRIPT}", "tracking=none", "nproc_per_node=2"], tmp_path,
+                    env={"PID_DIR": str(pid_dir), "MODE": "raise", "FAIL_RANK": "1"}, timeout=120)
+    assert r.returncode != 0
+    assert "deliberate failure on rank 1" in r.stderr
+    assert "rank 1" in r.stderr
+    pids = [int(p.read_text()) for p in pid_dir.glob("rank*.pid")]
+    assert len(pids) == 2
+    _assert_all_gone(pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_tears_the_job_down(tmp_path: Path, sig: signal.Signals) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    env = dict(os.environ, PID_DIR=str(pid_dir), MODE="sleep")
+    proc = subprocess.Popen(aitrain_argv() + ["launch", f"script={FAIL_SCRIPT}", "tracking=none"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = _wait_pids(pid_dir, 2)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert sig.name in err
+    _assert_all_gone(pids)
+
+
+def test_killed_launcher_takes_its_ranks_with_it(tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    env = dict(os.environ, PID_DIR=str(pid_dir), MODE="sleep")
+    proc = subprocess.Popen(aitrain_argv() + ["launch", f"script={FAIL_SCRIPT}", "tracking=none"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = _wait_pids(pid_dir, 2)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _assert_all_gone(pids)
+
+
+def test_user_script_with_args(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", f"script={REPO / 'examples' / 'my_train.py'}", "script_args=[--epochs,1]",
+                     "nproc_per_node=2", "tracking=none"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "[rank0]:epoch 1/1" in r.stdout and "epoch 2/" not in r.stdout
+
+
+def test_missing_script_is_a_clear_error(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "script=nowhere.py"], tmp_path)
+    assert r.returncode != 0 and "nowhere.py" in r.stderr
+
+
+def test_multirun_makes_one_mlflow_run_per_job(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "-m", "train.lr=1e-3,3e-3", "train.steps=5", "nproc_per_node=1"], tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    runs, _ = _mlflow_runs(tmp_path)
+    assert sorted(run.data.params["train.lr"] for run in runs) == ["0.001", "0.003"]
+    assert all(run.info.status == "FINISHED" for run in runs)
+    metrics = list(tmp_path.glob("outputs/multirun/*/*/*/metrics.jsonl"))
+    assert len(metrics) == 2
+    assert json.loads(metrics[0].read_text().splitlines()[-1])["step"] == 5
