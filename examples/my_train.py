@@ -40,6 +40,7 @@ def main() -> None:
             opt.step()
         if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f}", flush=True)
+    dist.barrier()  # gloo can abort if a peer destroys the group mid-collective
     dist.destroy_process_group()
 
 

@@ -117,6 +117,10 @@ def train(cfg: JobConfig) -> float:
                       f"tokens/s {tokens_per_step / dt:,.0f}", flush=True)
     metrics.close()
     if dist.is_initialized():
+        # A barrier first: under torch 2.13, gloo aborts ("terminate called without an
+        # active exception") in about half the runs when ranks destroy the group while
+        # a peer is still finishing its last collective.
+        dist.barrier()
         dist.destroy_process_group()
     return loss_value
 
