@@ -10,7 +10,13 @@ from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.host.cpus import read_numa_nodes
 from aitrain.fabric.host.model import HostContext, Rule, Status, Verdict
-from aitrain.fabric.host.readers import HostPaths, has_rdma_devices, read_hostname, read_meminfo
+from aitrain.fabric.host.readers import (
+    HostPaths,
+    has_rdma_devices,
+    read_cgroup,
+    read_hostname,
+    read_meminfo,
+)
 from aitrain.fabric.host.rules import RULES
 
 DEFAULT_RENDEZVOUS_PORTS: tuple[int, ...] = (29400, 29500)  # torchrun c10d, MASTER_PORT
@@ -34,6 +40,7 @@ def host_context(
         rendezvous_ports=tuple(sorted(set(rendezvous_ports))),
         numa_nodes=len(nodes) if nodes else None,
         meminfo=read_meminfo(paths),
+        cgroup=read_cgroup(paths),
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from aitrain.fabric.findings import Severity
-from aitrain.fabric.host.readers import HostPaths
+from aitrain.fabric.host.readers import CgroupInfo, HostPaths
 
 
 class Status(str, enum.Enum):
@@ -58,6 +58,7 @@ class HostContext:
     rendezvous_ports: tuple[int, ...]
     numa_nodes: int | None
     meminfo: dict[str, int]
+    cgroup: CgroupInfo | None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from aitrain.fabric.host.readers import (
     governor_paths,
     normalize,
     process_names,
-    read_cgroup,
     read_governors,
     read_limit,
     read_shm_size,
@@ -159,7 +158,7 @@ def _core_mem_rule(id: str, name: str, direction: str) -> Rule:
 
 
 def thp_rule(id: str, name: str, *, why: str, recommended: str, good: set[str],
-             severity_for: Callable[[str], Severity]) -> Rule:
+             severity: Severity) -> Rule:
     def evaluate(ctx: HostContext) -> Verdict:
         path = thp_path(ctx.paths, name)
         read = read_thp(ctx.paths, name)
@@ -172,7 +171,7 @@ def thp_rule(id: str, name: str, *, why: str, recommended: str, good: set[str],
         fix = f"echo {recommended} > /sys/{THP_DIR}/{name}"
         persist = ("add transparent_hugepage=" + recommended + " to the kernel command line"
                    if name == "enabled" else "reapply at boot (a systemd unit or tuned [sysfs])")
-        return Verdict(Status.CHANGE, current, recommended, severity_for(current), "", fix, persist,
+        return Verdict(Status.CHANGE, current, recommended, severity, "", fix, persist,
                        str(path), writes)
 
     return Rule(id, f"transparent_hugepage/{name}", why, evaluate)
@@ -323,7 +322,7 @@ def _hugepages(ctx: HostContext) -> Verdict:
 
 def _cgroup_version(ctx: HostContext) -> Verdict:
     recommended = "2"
-    info = read_cgroup(ctx.paths)
+    info = ctx.cgroup
     if info is None:
         return not_available(recommended, "no cgroup mount in mountinfo and no /sys/fs/cgroup")
     if info.version == 2:
@@ -336,7 +335,7 @@ def _cgroup_version(ctx: HostContext) -> Verdict:
 
 def _cgroup_controllers(ctx: HostContext) -> Verdict:
     recommended = ",".join(REQUIRED_CONTROLLERS)
-    info = read_cgroup(ctx.paths)
+    info = ctx.cgroup
     if info is None:
         return not_available(recommended, "no cgroup hierarchy found")
     current = ",".join(info.controllers) or "(none)"
@@ -429,13 +428,13 @@ def _port_range(ctx: HostContext) -> Verdict:
 
 RULES: tuple[Rule, ...] = (
     thp_rule("host-thp-enabled", "enabled", recommended="madvise", good={"always", "madvise"},
-             severity_for=lambda v: Severity.INFO,
+             severity=Severity.INFO,
              why="with 'never', allocators that ask for huge pages (PyTorch's CPU allocator, "
                  "glibc with hugetlb tunables) get 4 KiB pages and more TLB misses; 'always' "
                  "is also fine for dedicated training hosts."),
     thp_rule("host-thp-defrag", "defrag", recommended="madvise",
              good={"madvise", "defer", "defer+madvise", "never"},
-             severity_for=lambda v: Severity.WARNING,
+             severity=Severity.WARNING,
              why="'always' makes every page fault that misses a huge page compact memory "
                  "synchronously; data loaders and pinned-memory allocations stall for "
                  "milliseconds."),

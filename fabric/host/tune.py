@@ -53,12 +53,14 @@ class TunePlan:
     manual: list[Finding]  # differs from the recommendation, no file tune may write
 
 
-def read_value(path: str | Path, kind: WriteKind) -> str | None:
-    """The value of a tunable file as it compares: normalized text or the selected choice."""
-    raw = read_text(Path(path))
-    if raw is None:
-        return None
+def as_value(raw: str, kind: WriteKind) -> str:
+    """File text as it compares: normalized text, or the selected ``[choice]``."""
     return parse_selector(raw) if kind is WriteKind.SELECTOR else normalize(raw)
+
+
+def read_value(path: str | Path, kind: WriteKind) -> str | None:
+    raw = read_text(Path(path))
+    return None if raw is None else as_value(raw, kind)
 
 
 def plan_tune(
@@ -102,7 +104,7 @@ class StateEntry:
     value: str
 
     def previous_value(self) -> str:
-        return self.previous.strip() if self.kind is WriteKind.SELECTOR else normalize(self.previous)
+        return as_value(self.previous, self.kind)
 
 
 @dataclass
@@ -158,10 +160,11 @@ def apply_tune(plan: TunePlan, state_file: str | Path) -> TuneResult:
         if raw is None:
             result.refused.append((change, f"{change.path} cannot be read"))
             continue
-        if read_value(change.path, change.kind) == change.value:
+        if as_value(raw, change.kind) == change.value:
             result.unchanged.append(change)
             continue
-        previous = parse_selector(raw) if change.kind is WriteKind.SELECTOR else raw
+        # a sysctl takes back the exact text it printed; a [choice] file takes the word
+        previous = as_value(raw, change.kind) if change.kind is WriteKind.SELECTOR else raw
         pending.append((change, StateEntry(change.id, change.subject, change.path, change.kind,
                                            previous, change.value)))
     if not pending:
