@@ -75,7 +75,7 @@ def launch(cfg: Any) -> int:
     from omegaconf import OmegaConf
 
     from aitrain.launcher.backends import get_backend
-    from aitrain.launcher.job import JobSpec, rank_program
+    from aitrain.launcher.job import JobSpec, needs_trampoline, rank_program
     from aitrain.strategies.plan import ParallelPlan
 
     job: JobConfig = to_job_config(cfg)
@@ -99,6 +99,7 @@ def launch(cfg: Any) -> int:
         name=f"aitrain-{run_dir.name}",
         run_dir=run_dir,
         argv=rank_program(job, config_file),
+        needs_trampoline=needs_trampoline(job),
         nnodes=job.nnodes,
         nproc_per_node=job.nproc_per_node,
         config=job,

@@ -18,6 +18,9 @@ class JobSpec:
     argv: list[str]  # the program every rank runs (argv[0] is the executable)
     nnodes: int
     nproc_per_node: int
+    # The built-in job arms its own parent-death signal; a user script needs the
+    # trampoline (launcher/supervise.py) for that, at the cost of one exec per rank.
+    needs_trampoline: bool = True
     env: dict[str, str] = field(default_factory=dict)  # extra env for every rank
     env_reasons: dict[str, str] = field(default_factory=dict)  # why each env value was set
     config: JobConfig | None = None
@@ -33,6 +36,10 @@ class JobSpec:
     @property
     def metrics_file(self) -> Path:
         return self.run_dir / "metrics.jsonl"
+
+
+def needs_trampoline(cfg: JobConfig) -> bool:
+    return bool(cfg.script)
 
 
 def rank_program(cfg: JobConfig, config_file: Path) -> list[str]:

@@ -27,6 +27,14 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
+def die_with_parent() -> None:
+    """Arm PR_SET_PDEATHSIG in this process (a rank); exit if the parent is already gone."""
+    parent = os.getppid()
+    set_parent_death_signal()
+    if parent == 1 or os.getppid() != parent:
+        sys.exit(1)
+
+
 def trampoline_argv(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "aitrain.launcher.supervise", "--", *argv]
 

@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aitrain.launcher.train")
     parser.add_argument("--config", required=True, help="resolved job config (YAML) written by aitrain")
     args = parser.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by an elastic agent (aitrain or torchrun)
+        from aitrain.launcher.supervise import die_with_parent
+
+        die_with_parent()
     if not Path(args.config).is_file():
         print(f"aitrain.train: config file not found: {args.config}", file=sys.stderr)
         return 2

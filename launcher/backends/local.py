@@ -114,7 +114,7 @@ class LocalBackend:
             local_addr=req.master_addr,
             shutdown_timeout=self.shutdown_timeout,
         )
-        argv = trampoline_argv(spec.argv)
+        argv = trampoline_argv(spec.argv) if spec.needs_trampoline else spec.argv
         try:
             launch_agent(config, argv[0], list(argv[1:]))
         except ChildFailedError as e:

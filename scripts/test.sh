@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, then run it. Used by `make test` and `.ci/run`.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh tests/launcher -x`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+echo "== installing aitrain and test extras into $VENV"
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+  | grep -v "is ignored: it is neither a file nor a directory" || true
+
+# System packages the real-thing tests use. Only as root on Debian; otherwise those tests skip.
+DEB_PACKAGES="python3-pyverbs iproute2"
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=""
+  for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    echo "== installing Debian packages:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+fi
+if [ -f scripts/expose_pyverbs.py ]; then
+  "$VENV/bin/python" scripts/expose_pyverbs.py || true
+fi
+
+echo "== running the test suite"
+set +e
+"$VENV/bin/pytest" "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "pytest collected no tests"
+  rc=0
+fi
+exit "$rc"
