@@ -1,8 +1,16 @@
-"""Temporary proc/sys trees shaped like a stock (untuned) two-socket GPU host."""
+"""Temporary proc/sys trees shaped like a stock (untuned) two-socket GPU host.
+
+Test modules import ``make_host`` from here (not from a conftest.py, which would
+shadow ``tests/conftest.py`` for ``from conftest import ...`` elsewhere).
+"""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Callable
+
+import pytest
 
 from aitrain.fabric.host import HostPaths
 
@@ -88,3 +96,22 @@ def write_tree(root: Path, files: dict[str, str]) -> HostPaths:
 def snapshot(root: Path) -> dict[str, bytes]:
     """relative path -> bytes of every file under ``root``."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+MakeHost = Callable[..., HostPaths]
+
+
+@pytest.fixture
+def make_host(tmp_path: Path) -> MakeHost:
+    """``make_host(drop=[...], **{"proc/sys/vm/swappiness": "10\\n"})`` -> HostPaths of a new tree."""
+    made = itertools.count()
+
+    def make(drop: tuple[str, ...] | list[str] = (), **overrides: str) -> HostPaths:
+        files = stock_host_files()
+        for rel in drop:
+            for key in [k for k in files if k == rel or k.startswith(rel.rstrip("/") + "/")]:
+                del files[key]
+        files.update(overrides)
+        return write_tree(tmp_path / f"host{next(made)}", files)
+
+    return make

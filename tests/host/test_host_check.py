@@ -10,7 +10,7 @@ import pytest
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.host import HostPaths, check_host, rule_ids
-from hosttree import write_tree
+from hosttree import make_host, write_tree  # noqa: F401 (fixture)
 
 
 def by_id(findings: list[Finding]) -> dict[str, Finding]:

@@ -12,7 +12,7 @@ import pytest
 from aitrain.fabric.host import rule_ids
 from aitrain.launcher import cli_host
 from aitrain.launcher.cli import main
-from hosttree import snapshot, write_tree
+from hosttree import make_host, snapshot, write_tree  # noqa: F401 (fixture)
 
 
 def roots(paths) -> list[str]:

@@ -19,7 +19,7 @@ from aitrain.fabric.host.readers import (
     read_sysctl,
     read_thp,
 )
-from hosttree import GiB, write_tree
+from hosttree import GiB, make_host, write_tree  # noqa: F401 (fixture)
 
 
 def test_selector_files_read_the_bracketed_choice() -> None:
