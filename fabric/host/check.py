@@ -115,6 +115,10 @@ def check_host(
     returned; settings that match only with ``include_ok``. ``rdma`` (None: detect
     from sysfs) turns a low memlock limit into an error. Raises FabricError only
     when a root is not a directory.
+
+    ``data`` of each finding: ``status`` (ok | change | not-available), ``current``,
+    ``recommended``, ``why``, ``fix`` (a command to paste), ``persist`` (how to keep it
+    across reboots), ``tunable`` (``host tune --apply`` would change it), ``source``.
     """
     paths = paths or HostPaths()
     ctx = host_context(paths, rdma=rdma, rendezvous_ports=rendezvous_ports)
