@@ -31,10 +31,38 @@ def normalize_overrides(argv: list[str]) -> list[str]:
     return [_ADD_GROUP.sub(r"\1=", a) for a in argv]
 
 
+_NO_AGENT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve", "-i"}
+
+
+def _will_start_local_ranks(argv: list[str]) -> bool:
+    """Cheap guess, before any parsing, whether this launch will run ranks locally."""
+    if any(a in _NO_AGENT_FLAGS or a.startswith(("--cfg=", "--info=")) for a in argv):
+        return False
+    for a in argv:
+        key, _, value = a.lstrip("+~").partition("=")
+        if key == "dry_run" and value.lower() in ("true", "1", "yes"):
+            return False
+        if key == "backend" and value != "local":
+            return False
+    return True
+
+
 def run_launch(argv: list[str]) -> int:
-    from hydra._internal.utils import get_args_parser
+    from aitrain.launcher import agent
 
     argv = normalize_overrides(argv)
+    if _will_start_local_ranks(argv):
+        # Let the node agent import torch on the other core while Hydra composes.
+        agent.prespawn()
+    try:
+        return _run_launch(argv)
+    finally:
+        agent.discard_prespawned()
+
+
+def _run_launch(argv: list[str]) -> int:
+    from hydra._internal.utils import get_args_parser
+
     ns = get_args_parser().parse_args(argv)
     if not (ns.help or ns.hydra_help):
         validate_overrides(list(ns.overrides))
@@ -84,7 +112,13 @@ def launch(cfg: Any) -> int:
         raise AitrainError(f"nnodes={job.nnodes} x nproc_per_node={job.nproc_per_node} gives no ranks",
                            "set nnodes and nproc_per_node to 1 or more")
     # Degrees are checked against the world size before any process starts.
-    ParallelPlan.resolve(world_size=world, **vars(job.parallel))
+    plan = ParallelPlan.resolve(world_size=world, **vars(job.parallel))
+    # So are the strategy, its options, the built-in model against TP/PP and the batch splits (no torch import).
+    from aitrain.strategies.options import StrategyOptions
+    from aitrain.strategies.rules import preflight
+
+    preflight(job.strategy.name, plan, StrategyOptions.from_config(job.strategy, job.pp),
+              model=None if job.script else job.model, train=None if job.script else job.train)
     if job.script and not Path(job.script).is_file():
         raise AitrainError(f"script={job.script} does not exist (looked in {Path.cwd()})",
                            "give a path to a torchrun-compatible Python script")

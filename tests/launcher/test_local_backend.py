@@ -98,6 +98,26 @@ def test_bad_override_names_the_key_before_anything_starts(tmp_path: Path) -> No
     assert not (tmp_path / "outputs").exists()
 
 
+def _agents_in(cwd: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"aitrain.launcher.agent" in (proc / "cmdline").read_bytes() and \
+                    Path(os.readlink(proc / "cwd")) == cwd:
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def test_config_error_leaves_no_agent_behind(tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    r = run_aitrain(["launch", "train.stepz=3"], tmp_path)
+    assert r.returncode == 2
+    assert time.monotonic() - t0 < 5
+    assert _agents_in(tmp_path) == []
+
+
 def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     r = run_aitrain(["launch", "train.steps=many"], tmp_path)
     assert r.returncode != 0
