@@ -100,6 +100,8 @@ class TrackingConfig:
     uri: Optional[str] = None  # MLflow tracking URI (default: sqlite under `run_root`)
     experiment: str = "aitrain"  # MLflow experiment name
     run_name: Optional[str] = None  # MLflow run name (default: the run directory's name)
+    system_metrics: bool = True  # sample CPU, memory, network, RDMA and GPU metrics on every node
+    system_metrics_interval_s: float = 10.0  # seconds between system metric samples
 
 
 @dataclass
@@ -113,6 +115,29 @@ class FabricConfig:
     expected_rate_gbps: Optional[float] = None  # RDMA ports slower than this are findings
     nccl_version: Optional[str] = None  # NCCL version when torch has none (e.g. 2.21.5)
     env: dict[str, str] = field(default_factory=dict)  # extra env; always wins over tuning
+
+
+@dataclass
+class LogConfig:
+    """Console output of the ranks (every rank's full output is always kept in the run dir)."""
+
+    ranks: str = "all"  # all | 0 | 0,3: which ranks' lines reach the console
+    dedup: bool = True  # collapse identical lines from several ranks into one "[repeated Nx]"
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang forensics: act when no rank makes step progress."""
+
+    timeout_s: float = 0.0  # seconds without step progress before stacks are dumped and the job is stopped (0: off)
+
+
+@dataclass
+class ResourcesConfig:
+    """Resource control of the ranks on each node."""
+
+    cgroup: bool = False  # run the job in its own cgroup (v2, else v1); killed whole at teardown
+    memory_max: Optional[str] = None  # memory limit of the job's cgroup, e.g. 8G (needs resources.cgroup=true)
 
 
 @dataclass
@@ -139,6 +164,8 @@ class JobConfig:
     run_root: str = "outputs"  # where run directories and the embedded MLflow store live
     run_dir: str = "${hydra:runtime.output_dir}"  # this launch's directory (set by Hydra)
     resume: str = "none"  # none | auto (latest complete checkpoint) | <path>
+    binding: str = "none"  # numa | core | none: give each local rank a disjoint CPU set
+    profile: str = "none"  # none | perf (perf stat per rank) | pyspy (flame graph per rank)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -147,6 +174,9 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     backend: Any = field(default_factory=LocalBackendConfig)  # set by the `backend` group
 
 
