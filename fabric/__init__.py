@@ -1,9 +1,47 @@
 """Fabric discovery, validation and tuning.
 
 Topology in, findings and env out: this package imports nothing from
-``aitrain.launcher`` or ``aitrain.strategies``.
+``aitrain.launcher`` or ``aitrain.strategies``, and nothing heavy (torch) at import.
+
+- ``probe(sysfs_root="/sys", proc_root="/proc", ...) -> HostTopology``
 """
 
 from aitrain.fabric.findings import Finding, Severity, has_errors, sort_findings
+from aitrain.fabric.topology import (
+    Cluster,
+    Gid,
+    Gpu,
+    HostInfo,
+    HostTopology,
+    Limit,
+    Nic,
+    PciDevice,
+    ProbeWarning,
+    RdmaDevice,
+    RdmaPort,
+    Route,
+    RouteLookup,
+)
+from aitrain.fabric.probe import probe  # noqa: E402  (shadows the subpackage name on purpose)
 
-__all__ = ["Finding", "Severity", "has_errors", "sort_findings"]
+__all__ = [
+    "Cluster",
+    "Finding",
+    "Gid",
+    "Gpu",
+    "HostInfo",
+    "HostTopology",
+    "Limit",
+    "Nic",
+    "PciDevice",
+    "ProbeWarning",
+    "RdmaDevice",
+    "RdmaPort",
+    "Route",
+    "RouteLookup",
+    "Severity",
+    "has_errors",
+    "probe",
+    "sort_findings",
+]
+
