@@ -4,6 +4,7 @@ Topology in, findings and env out: this package imports nothing from
 ``aitrain.launcher`` or ``aitrain.strategies``, and nothing heavy (torch) at import.
 
 - ``probe(sysfs_root="/sys", proc_root="/proc", ...) -> HostTopology``
+- ``check(cluster, *, expected_rate_gbps=None, rendezvous=None) -> list[Finding]``
 """
 
 from aitrain.fabric.findings import Finding, Severity, has_errors, sort_findings
@@ -23,8 +24,10 @@ from aitrain.fabric.topology import (
     RouteLookup,
 )
 from aitrain.fabric.probe import probe  # noqa: E402  (shadows the subpackage name on purpose)
+from aitrain.fabric.checks import FINDING_IDS, check
 
 __all__ = [
+    "FINDING_IDS",
     "Cluster",
     "Finding",
     "Gid",
@@ -40,6 +43,7 @@ __all__ = [
     "Route",
     "RouteLookup",
     "Severity",
+    "check",
     "has_errors",
     "probe",
     "sort_findings",

@@ -1,0 +1,126 @@
+"""Turning what a user points at into host topologies.
+
+Accepted, per path:
+
+- a sysfs tree (a directory holding ``class/``), with an optional procfs root;
+- a host tree (a directory holding ``sys/`` and optionally ``proc/``);
+- a directory of host trees (or of sysfs trees, path maps, probe JSON files): one host each;
+- a path-map JSON (``{"/sys/...": "content"}``, as health-check tools capture hosts);
+- probe JSON (``aitrain fabric probe --json`` output: ``{"hosts": [...]}``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from aitrain.errors import FabricError
+from aitrain.fabric.topology import HostTopology, loads_topologies
+
+_HINT = (
+    "pass /sys, a captured sysfs tree (a directory containing class/), a host tree "
+    "(containing sys/ and proc/), a directory of host trees, a path-map JSON or "
+    "`aitrain fabric probe --json` output"
+)
+
+
+def _is_sysfs(path: Path) -> bool:
+    return (path / "class").is_dir()
+
+
+def _is_host_tree(path: Path) -> bool:
+    return (path / "sys").is_dir() and not _is_sysfs(path)
+
+
+def load_hosts(
+    paths: Sequence[str | os.PathLike[str]],
+    proc_roots: Sequence[str | os.PathLike[str]] = (),
+    *,
+    rendezvous: str | None = None,
+) -> list[HostTopology]:
+    """Probes (or loads) every host the paths name, in order."""
+    if proc_roots and len(proc_roots) != len(paths):
+        raise FabricError(
+            f"{len(proc_roots)} --proc-root for {len(paths)} --sysfs-root",
+            "give one --proc-root per --sysfs-root (in the same order), or use host trees "
+            "holding sys/ and proc/ side by side",
+        )
+    hosts: list[HostTopology] = []
+    for i, path in enumerate(paths):
+        proc = proc_roots[i] if proc_roots else None
+        hosts.extend(_load_one(Path(path), proc, rendezvous, top=True))
+    return hosts
+
+
+def _load_one(path: Path, proc: str | os.PathLike[str] | None, rendezvous: str | None,
+              *, top: bool) -> list[HostTopology]:
+    from aitrain.fabric.probe import probe
+
+    if not path.exists():
+        raise FabricError(f"{path} does not exist", _HINT)
+    if path.is_file():
+        return _load_file(path, rendezvous)
+    if _is_sysfs(path) or _is_host_tree(path):
+        return [probe(path, proc if proc is not None else "/proc", rendezvous=rendezvous)]
+    if not top:
+        return []
+    children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    hosts: list[HostTopology] = []
+    for child in children:
+        if child.is_dir() and (_is_sysfs(child) or _is_host_tree(child)):
+            hosts.append(probe(child, "/proc", rendezvous=rendezvous, hostname=None))
+        elif child.is_file() and child.suffix == ".json":
+            hosts.extend(_load_file(child, rendezvous))
+    if not hosts:
+        raise FabricError(f"{path} is neither a sysfs tree nor a directory of host trees", _HINT)
+    return hosts
+
+
+def _load_file(path: Path, rendezvous: str | None) -> list[HostTopology]:
+    from aitrain.fabric.probe import probe
+    from aitrain.fabric.probe.pathmap import load_path_map, looks_like_path_map, materialize
+
+    try:
+        text = path.read_text()
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FabricError(f"cannot read {path}: {e}", _HINT) from e
+    if looks_like_path_map(data):
+        with tempfile.TemporaryDirectory(prefix="aitrain-pathmap-") as tmp:
+            materialize(load_path_map(path), tmp)
+            topo = probe(tmp, rendezvous=rendezvous)
+        # the temporary tree is gone: name the host and the source after the file
+        if topo.hostname == Path(tmp).name:
+            topo.hostname = path.stem
+        topo.sources["sysfs_root"] = str(path)
+        for w in topo.warnings:
+            w.path = w.path.replace(tmp, f"{path}:")
+        return [topo]
+    try:
+        return loads_topologies(text)
+    except (ValueError, TypeError) as e:
+        raise FabricError(f"{path} is not probe JSON or a path map: {e}", _HINT) from e
+
+
+def resolve_rendezvous(name: str, hosts: Sequence[HostTopology]) -> str:
+    """The rendezvous as an IP address: a literal stays; the name of a probed host
+    becomes that host's first global address on a physical NIC; otherwise DNS. A name
+    nothing resolves is returned as is (the check reports ``rendezvous-unresolved``)."""
+    import ipaddress
+
+    from aitrain.fabric.probe.routes import resolve_address
+
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    for host in hosts:
+        if host.hostname == name or host.hostname.split(".")[0] == name.split(".")[0]:
+            for nic in sorted(host.nics, key=lambda n: (n.virtual, n.name)):
+                for iface in nic.addresses():
+                    if not (iface.ip.is_loopback or iface.ip.is_link_local):
+                        return str(iface.ip)
+    return resolve_address(name) or name
