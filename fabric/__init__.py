@@ -5,6 +5,7 @@ Topology in, findings and env out: this package imports nothing from
 
 - ``probe(sysfs_root="/sys", proc_root="/proc", ...) -> HostTopology``
 - ``check(cluster, *, expected_rate_gbps=None, rendezvous=None) -> list[Finding]``
+- ``preflight(...)``: probe + check with a per-host cache, for ``aitrain launch``
 """
 
 from aitrain.fabric.findings import Finding, Severity, has_errors, sort_findings
@@ -49,3 +50,6 @@ __all__ = [
     "sort_findings",
 ]
 
+from aitrain.fabric.cache import FabricCache, PreflightResult, preflight  # noqa: E402
+
+__all__ += ["FabricCache", "PreflightResult", "preflight"]
