@@ -180,9 +180,32 @@ class JobConfig:
     backend: Any = field(default_factory=LocalBackendConfig)  # set by the `backend` group
 
 
+@dataclass
+class SlurmBackendConfig:
+    """Submit to Slurm with sbatch (or, inside an allocation, run one agent per node with srun)."""
+
+    name: str = "slurm"
+    partition: Optional[str] = None  # --partition
+    account: Optional[str] = None  # --account
+    qos: Optional[str] = None  # --qos
+    time: Optional[str] = None  # --time, e.g. 04:00:00
+    gpus_per_node: Optional[int] = None  # --gpus-per-node (default: none requested)
+    cpus_per_node: Optional[int] = None  # --cpus-per-task of the one task per node (the node agent)
+    mem: Optional[str] = None  # --mem per node, e.g. 200G
+    constraint: Optional[str] = None  # --constraint
+    exclusive: bool = False  # --exclusive
+    job_name: Optional[str] = None  # --job-name (default: aitrain-<strategy>)
+    extra_sbatch: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. ['--reservation=x']
+    signal: str = "USR1"  # signal Slurm sends before the time limit: ranks checkpoint and the job requeues
+    signal_lead_s: int = 120  # seconds before the time limit that the signal is sent
+    max_requeues: int = 3  # requeues after preemption/time limit before giving up
+    python: Optional[str] = None  # interpreter on the compute nodes (default: this one)
+    srun_args: list[str] = field(default_factory=list)  # extra srun arguments for the agent step
+
+
 # Schemas for the `backend` group: one per backend, so `backend.partition` is a
 # typo under `backend=local` and valid under `backend=slurm`.
-BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig}
+BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig, "slurm": SlurmBackendConfig}
 
 # Keys under these paths are free-form (maps of user values).
 FREE_FORM = ("fabric.env",)
