@@ -21,17 +21,23 @@ EXAMPLES = 3
 
 
 def _deviants(
-    views: list[HostView], value: Callable[[HostView], K | None]
+    views: list[HostView],
+    value: Callable[[HostView], K | None],
+    prefer: Callable[[K], object] | None = None,
 ) -> tuple[K | None, str, list[tuple[HostView, K]]]:
-    """(reference value, "N host(s) ... (e.g. a, b, c)" text, [(host, its other value)]).
+    """(reference value, "N of M hosts (e.g. a, b, c)" text, [(host, its other value)]).
 
-    The reference is the most common known value (ties: the one seen first); hosts
-    whose value is unknown (None) are left out. One pass over the hosts."""
+    The reference is the most common known value; a tie goes to the value ``prefer``
+    ranks highest (else the one seen first). Hosts whose value is unknown (None) are
+    left out. One pass over the hosts."""
     known = [(v, x) for v in views if (x := value(v)) is not None]
     if not known:
         return None, "", []
     counts = Counter(x for _, x in known)
-    reference, count = counts.most_common(1)[0]
+    top = max(counts.values())
+    tied = [x for x, c in counts.items() if c == top]
+    reference = max(tied, key=prefer) if prefer is not None else tied[0]  # type: ignore[arg-type]
+    count = top
     examples = [v.host for v, x in known if x == reference][:EXAMPLES]
     who = f"{count} of {len(views)} hosts (e.g. {', '.join(examples)})"
     return reference, who, [(v, x) for v, x in known if x != reference]
@@ -43,7 +49,7 @@ def active_hca_count(views: list[HostView], opts: CheckOptions) -> Iterable[Find
 
     if len(views) < 2:
         return
-    reference, who, bad = _deviants(views, count)
+    reference, who, bad = _deviants(views, count, prefer=lambda n: n)  # a tie: fewer is the broken one
     for view, value in bad:
         yield view.finding(
             "hosts-active-hca-count-mismatch", E, "rdma",
