@@ -1,0 +1,39 @@
+"""``aitrain fabric probe``: what this host's (or a captured tree's) fabric looks like."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aitrain.launcher.fabric_args import add_output_arguments, add_source_arguments, collect_hosts, write_stdout
+
+
+def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "probe",
+        help="show NICs, RDMA ports and GIDs, GPUs, PCIe links and host limits",
+        description="Probe the fabric of this host, or of captured sysfs/procfs trees.",
+    )
+    add_source_arguments(parser)
+    add_output_arguments(parser)
+    parser.add_argument("--cache", action="store_true",
+                        help="reuse a cached probe of this host while its fingerprint is unchanged")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from aitrain.errors import AitrainError
+    from aitrain.launcher.fabric_render import Style, render_topology, use_color
+
+    try:
+        hosts = collect_hosts(args, use_cache=args.cache)
+    except AitrainError as e:
+        e.exit_code = 2
+        raise
+    if args.json:
+        write_stdout(json.dumps({"hosts": [h.to_dict() for h in hosts]}, indent=2) + "\n")
+        return 0
+    style = Style(use_color(sys.stdout, args.color))
+    write_stdout("\n\n".join(render_topology(h, style) for h in hosts) + "\n")
+    return 0
