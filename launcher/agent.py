@@ -7,6 +7,7 @@ same agent serves one node of a Slurm or Ray job.
 
     python -m aitrain.launcher.agent            # reads one JSON request on stdin
     python -m aitrain.launcher.agent REQ.json   # or from a file
+    python -m aitrain.launcher.agent --slurm REQS.json   # this node's entry (SLURM_NODEID)
 
 The agent exits when its parent dies (PR_SET_PDEATHSIG), and on EOF without a
 request (the launch was abandoned, e.g. a config error).
@@ -231,10 +232,54 @@ def discard_prespawned() -> None:
         _prespawned = None
 
 
+def forward_to_ranks(signum: int) -> list[int]:
+    """Send ``signum`` to this agent's direct children (its ranks); returns their pids."""
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            try:
+                os.kill(int(entry), signum)
+                pids.append(int(entry))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def _install_preemption_forwarding() -> None:
+    """SIGUSR1/SIGUSR2 (Slurm's --signal before the time limit) go to the ranks, which
+    checkpoint and stop; by default they would kill the agent."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        pids = forward_to_ranks(signum)
+        print(f"aitrain.agent: forwarded {signal.Signals(signum).name} to ranks {pids}", file=sys.stderr,
+              flush=True)
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, handler)
+
+
+def _slurm_request(path: str) -> AgentRequest:
+    """This node's request from a file holding one request per node (by SLURM_NODEID)."""
+    reqs = json.loads(Path(path).read_text())
+    node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    if not 0 <= node_rank < len(reqs):
+        raise SystemExit(f"aitrain.agent: SLURM_NODEID={node_rank} but {path} has {len(reqs)} node requests")
+    return AgentRequest(**reqs[node_rank])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from aitrain.launcher.supervise import die_with_parent
 
+    _install_preemption_forwarding()
     if not argv:
         die_with_parent()
         import torch.distributed.launcher.api  # noqa: F401  (the slow part, done while waiting)
@@ -243,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if not line.strip():
             return 0  # abandoned: the launch failed before it needed us
         req = AgentRequest(**json.loads(line))
+    elif argv[0] == "--slurm":
+        req = _slurm_request(argv[1])
     else:
         req = AgentRequest(**json.loads(Path(argv[0]).read_text()))
     result = run_agent(req)

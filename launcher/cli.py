@@ -24,6 +24,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("aitrain.launcher.cli_launch", "compose a job with Hydra overrides and run it"),
     "fabric": ("aitrain.launcher.cli_fabric", "probe, check and tune the network fabric"),
     "host": ("aitrain.launcher.cli_host", "check and tune host kernel settings and limits"),
+    "status": ("aitrain.launcher.cli_jobs", "state of a submitted job"),
+    "logs": ("aitrain.launcher.cli_jobs", "output of a submitted job"),
+    "cancel": ("aitrain.launcher.cli_jobs", "cancel a submitted job"),
 }
 
 EPILOG = """examples:
@@ -52,11 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"aitrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    added: set[str] = set()
     for name, (module, help_) in _available().items():
         if name == "launch":
             sub.add_parser(name, help=help_, add_help=False)
             continue
-        importlib.import_module(module).add_parser(sub)
+        if module not in added:  # one module may add several commands (status, logs, cancel)
+            importlib.import_module(module).add_parser(sub)
+            added.add(module)
     return parser
 
 

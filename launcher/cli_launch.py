@@ -137,6 +137,7 @@ def launch(cfg: Any) -> int:
         nnodes=job.nnodes,
         nproc_per_node=job.nproc_per_node,
         config=job,
+        overrides=_task_overrides(),
     )
     spec.env.update(
         AITRAIN_RUN_DIR=str(run_dir),
@@ -155,6 +156,14 @@ def launch(cfg: Any) -> int:
         print(_resolved_yaml(cfg).rstrip())
         print("\n# plan (dry run: nothing was started)")
         print(request)
+        return 0
+    if hasattr(backend, "submit") and not backend.in_allocation():
+        # From a login node: hand the job to the scheduler; it runs `aitrain launch`
+        # again inside the allocation, which does the tracking.
+        handle = backend.submit(request)
+        print(f"aitrain: submitted {handle}\n"
+              f"  aitrain status {handle}\n  aitrain logs {handle} --follow\n  aitrain cancel {handle}",
+              flush=True)
         return 0
 
     tracker = _start_tracker(job, run_dir, resolved, config_file)
@@ -175,6 +184,16 @@ def launch(cfg: Any) -> int:
           + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker and tracker.run_id else ""),
           flush=True)
     return 0
+
+
+def _task_overrides() -> list[str]:
+    """This job's overrides as the user gave them (one job of a multirun: its own values)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra run (tests calling launch directly)
+        return []
 
 
 def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], config_file: Path) -> Any:

@@ -177,7 +177,9 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    backend: Any = field(default_factory=LocalBackendConfig)  # set by the `backend` group
+    # Set by the `backend` group (local | slurm); typed per option, so no default schema here:
+    # a default dataclass would make OmegaConf reject every other backend's schema.
+    backend: Any = "???"
 
 
 @dataclass

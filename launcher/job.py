@@ -24,6 +24,7 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)  # extra env for every rank
     env_reasons: dict[str, str] = field(default_factory=dict)  # why each env value was set
     config: JobConfig | None = None
+    overrides: list[str] = field(default_factory=list)  # the user's Hydra overrides (for re-launch in a batch job)
 
     @property
     def world_size(self) -> int:

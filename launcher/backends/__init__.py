@@ -12,6 +12,7 @@ from aitrain.errors import ConfigError
 
 _BACKENDS = {
     "local": ("aitrain.launcher.backends.local", "LocalBackend"),
+    "slurm": ("aitrain.launcher.backends.slurm", "SlurmBackend"),
 }
 
 
