@@ -24,7 +24,7 @@ from aitrain.fabric.topology import (
     Route,
     RouteLookup,
 )
-from aitrain.fabric.probe import probe  # noqa: E402  (shadows the subpackage name on purpose)
+from aitrain.fabric import probe  # the readers package, made callable below
 from aitrain.fabric.checks import FINDING_IDS, check
 
 __all__ = [
@@ -53,3 +53,18 @@ __all__ = [
 from aitrain.fabric.cache import FabricCache, PreflightResult, preflight  # noqa: E402
 
 __all__ += ["FabricCache", "PreflightResult", "preflight"]
+
+
+class _CallableProbePackage(type(probe)):  # type: ignore[misc]
+    """``aitrain.fabric.probe`` is the readers package *and* ``probe(...)``.
+
+    Binding the function to the package's name would hide the package from
+    ``import aitrain.fabric.probe.verbs as v``; calling the package keeps both."""
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.probe(*args, **kwargs)
+
+    __call__.__doc__ = probe.probe.__doc__
+
+
+probe.__class__ = _CallableProbePackage

@@ -201,9 +201,49 @@ def _query_gids(ctx: Any, port: int, length: int) -> tuple[list[Gid], bool]:
     return gids, length > 0
 
 
+def disagreements(sysfs: list[RdmaDevice], verbs: list[RdmaDevice]) -> list[str]:
+    """Where two readers of the same devices differ: device and port sets, port state,
+    physical state, link layer, rate, firmware, node GUID, HCA type and GID tables.
+    Fields one side does not know (None) are not compared."""
+    out: list[str] = []
+    a = {d.name: d for d in sysfs}
+    b = {d.name: d for d in verbs}
+    for name in sorted(a.keys() ^ b.keys()):
+        out.append(f"{name}: only in {'sysfs' if name in a else 'pyverbs'}")
+    for name in sorted(a.keys() & b.keys()):
+        da, db = a[name], b[name]
+        for what in ("fw_ver", "node_guid", "hca_type"):
+            va, vb = getattr(da, what), getattr(db, what)
+            if va is not None and vb is not None and va != vb:
+                out.append(f"{name}: sysfs says {what}={va}, pyverbs says {vb}")
+        pa = {p.port: p for p in da.ports}
+        pb = {p.port: p for p in db.ports}
+        for number in sorted(pa.keys() ^ pb.keys()):
+            out.append(f"{name}/{number}: only in {'sysfs' if number in pa else 'pyverbs'}")
+        for number in sorted(pa.keys() & pb.keys()):
+            x, y = pa[number], pb[number]
+            for what in ("state", "phys_state", "link_layer", "rate_gbps"):
+                vx, vy = getattr(x, what), getattr(y, what)
+                if vx is not None and vy is not None and vx != vy:
+                    out.append(f"{name}/{number}: sysfs says {what}={vx}, pyverbs says {vy}")
+            if x.gids_known and y.gids_known:
+                gx = {(g.index, g.gid, g.type) for g in x.gids}
+                gy = {(g.index, g.gid, g.type) for g in y.gids}
+                for index, gid, gtype in sorted(gx ^ gy):
+                    side = "sysfs" if (index, gid, gtype) in gx else "pyverbs"
+                    out.append(f"{name}/{number}: GID[{index}] {gid} ({gtype}) only in {side}")
+    return out
+
+
 def merge(sysfs: list[RdmaDevice], verbs: list[RdmaDevice], warnings: list[ProbeWarning]) -> list[RdmaDevice]:
-    """sysfs devices completed with what only verbs knows (active/max MTU); any
-    disagreement on state, link layer or rate is a warning; verbs-only devices added."""
+    """sysfs devices completed with what only verbs knows (active/max MTU); every
+    disagreement is a warning; verbs-only devices (sysfs hidden, e.g. in a container)
+    are added."""
+    for problem in disagreements(sysfs, verbs):
+        if "only in sysfs" in problem:
+            continue  # a device libibverbs has no provider for: nothing to merge
+        path, _, message = problem.partition(": ")
+        warnings.append(ProbeWarning(path=f"pyverbs:{path}", message=message, kind="sysfs-verbs-mismatch"))
     by_name = {d.name: d for d in sysfs}
     out = list(sysfs)
     for vdev in verbs:
@@ -217,17 +257,6 @@ def merge(sysfs: list[RdmaDevice], verbs: list[RdmaDevice], warnings: list[Probe
             if sport is None:
                 sdev.ports.append(vport)
                 continue
-            for what, a, b in (
-                ("state", sport.state, vport.state),
-                ("link_layer", sport.link_layer, vport.link_layer),
-                ("rate_gbps", sport.rate_gbps, vport.rate_gbps),
-            ):
-                if a is not None and b is not None and a != b:
-                    warnings.append(ProbeWarning(
-                        path=f"{sdev.name}/{sport.port}",
-                        message=f"sysfs says {what}={a}, pyverbs says {b}",
-                        kind="sysfs-verbs-mismatch",
-                    ))
             if vport.active_mtu is not None:
                 sport.active_mtu = vport.active_mtu
             if vport.max_mtu is not None:

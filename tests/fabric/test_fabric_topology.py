@@ -116,3 +116,14 @@ def test_route_to_uses_the_recorded_rendezvous_lookup(dgx):
     topo.rendezvous = RouteLookup(address="10.9.9.9", interface="eno1", method="ip-route")
     assert topo.route_to("10.9.9.9").method == "ip-route"
     assert topo.route_to("10.0.0.12").interface == "eno1"
+
+
+def test_probe_is_callable_and_still_the_readers_package(hosts_dir):
+    import aitrain.fabric
+    import aitrain.fabric.probe.verbs as verbs  # would fail if the function shadowed the package
+
+    assert callable(verbs.read_verbs_devices)
+    assert aitrain.fabric.probe(hosts_dir / "cpu01").hostname == "cpu01"
+    from aitrain.fabric.probe import probe as probe_function
+
+    assert probe_function(hosts_dir / "cpu01").hostname == "cpu01"
