@@ -12,6 +12,7 @@ Everything after ``launch`` is Hydra's command line (overrides, ``-m``,
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain import __version__
-from aitrain.errors import AitrainError, JobFailedError
+from aitrain.errors import AitrainError, ConfigError, JobFailedError
 from aitrain.launcher.config import DEFAULT_GROUPS, JobConfig, register_configs, to_job_config, validate_overrides
 
 _ADD_GROUP = re.compile(r"^\+(%s)=" % "|".join(DEFAULT_GROUPS))
@@ -150,6 +151,9 @@ def launch(cfg: Any) -> int:
         spec.env_reasons[k] = "user-set (fabric.env)"
 
     backend = get_backend(job.backend)
+    if job.fabric.check and backend.name == "local":
+        # Multi-node backends probe every node of the job themselves.
+        spec.findings, spec.topology = _preflight_local(job, run_dir)
     request = backend.dryrun(spec)
     if job.dry_run:
         print("# resolved config")
@@ -184,6 +188,36 @@ def launch(cfg: Any) -> int:
           + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker and tracker.run_id else ""),
           flush=True)
     return 0
+
+
+def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], dict[str, Any]]:
+    """Probe and check this host's fabric and kernel settings (cached per host fingerprint).
+
+    Errors stop the launch unless fabric.on_error=warn; the rest is summarised in one line.
+    """
+    from aitrain.errors import FabricError
+    from aitrain.fabric.cache import preflight, summarize_errors
+    from aitrain.fabric.findings import Severity, sort_findings
+    from aitrain.fabric.host import HostPaths, check_host
+
+    if job.fabric.on_error not in ("fail", "warn"):
+        raise ConfigError(f"fabric.on_error={job.fabric.on_error!r} is not one of fail, warn",
+                          "fabric.on_error=fail stops the launch on fabric errors; warn only reports them")
+    result = preflight(on_error="warn", expected_rate_gbps=job.fabric.expected_rate_gbps, rendezvous="127.0.0.1")
+    findings = sort_findings(list(result.findings) + check_host(HostPaths()))
+    (run_dir / "preflight.json").write_text(json.dumps(
+        {"hosts": [h.to_dict() for h in result.cluster.hosts], "findings": [f.to_dict() for f in findings]},
+        indent=1))
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    warnings = [f for f in findings if f.severity is Severity.WARNING]
+    if errors and job.fabric.on_error != "warn":
+        raise FabricError(summarize_errors(errors, 1),
+                          "fix them (each has its own hint), or launch anyway with fabric.on_error=warn")
+    if errors or warnings:
+        print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) on this host "
+              f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
+              "aitrain host check", flush=True)
+    return findings, result.cluster.hosts[0].to_dict() if result.cluster.hosts else {}
 
 
 def _task_overrides() -> list[str]:

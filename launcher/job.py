@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aitrain.launcher.config import JobConfig
 
@@ -25,6 +26,8 @@ class JobSpec:
     env_reasons: dict[str, str] = field(default_factory=dict)  # why each env value was set
     config: JobConfig | None = None
     overrides: list[str] = field(default_factory=list)  # the user's Hydra overrides (for re-launch in a batch job)
+    findings: list[Any] = field(default_factory=list)  # preflight findings (fabric and host)
+    topology: dict[str, Any] = field(default_factory=dict)  # this host's probed topology (local jobs)
 
     @property
     def world_size(self) -> int:

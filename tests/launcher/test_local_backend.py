@@ -91,6 +91,21 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("mlflow.db"))
 
 
+def test_preflight_checks_fabric_and_host_before_ranks_start(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "dry_run=true"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    pre = json.loads(next(tmp_path.rglob("preflight.json")).read_text())
+    ids = {f["id"] for f in pre["findings"]}
+    assert "rdma-none" in ids  # no RDMA here: a fact (info), not an error
+    assert any(i.startswith("host-") for i in ids)
+    assert pre["hosts"][0]["hostname"]
+
+
+def test_bad_fabric_on_error_is_a_config_error(tmp_path: Path) -> None:
+    r = run_aitrain(["launch", "fabric.on_error=maybe"], tmp_path)
+    assert r.returncode == 2 and "fabric.on_error" in r.stderr
+
+
 def test_bad_override_names_the_key_before_anything_starts(tmp_path: Path) -> None:
     r = run_aitrain(["launch", "train.lrr=0.1"], tmp_path)
     assert r.returncode == 2
