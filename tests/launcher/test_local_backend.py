@@ -81,13 +81,13 @@ def test_tracking_none_logs_nothing(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
-    r = run_aitrain(["launch", "strategy=ddp", "dry_run=true", "nproc_per_node=3"], tmp_path)
+    r = run_aitrain(["launch", "strategy=ddp", "dry_run=true", "nproc_per_node=4"], tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "# resolved config" in out and "nproc_per_node: 3" in out
-    for rank in range(3):
+    assert "# resolved config" in out and "nproc_per_node: 4" in out
+    for rank in range(4):
         assert f"rank {rank}:" in out and f"RANK={rank}" in out
-    assert "WORLD_SIZE=3" in out and "MASTER_PORT=" in out and "-m aitrain.launcher.train" in out
+    assert "WORLD_SIZE=4" in out and "MASTER_PORT=" in out and "-m aitrain.launcher.train" in out
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("mlflow.db"))
 
 
