@@ -54,34 +54,47 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _from_jsonable(tp: Any, value: Any) -> Any:
-    """Builds a value of type ``tp`` from JSON data; lenient about ``None``."""
-    if value is None:
-        return None
+    """Builds a value of type ``tp`` from JSON data, or raises ValueError saying why."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        if value is None:
+            return None
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _from_jsonable(args[0], value) if len(args) == 1 else value
+    if value is None:
+        raise ValueError("must not be null")
     if origin is list:
         (item,) = typing.get_args(tp)
-        return [_from_jsonable(item, v) for v in value] if isinstance(value, list) else []
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {type(value).__name__}")
+        return [_from_jsonable(item, v) for v in value]
     if origin is dict:
         _, item = typing.get_args(tp)
-        return {k: _from_jsonable(item, v) for k, v in value.items()} if isinstance(value, dict) else {}
+        if not isinstance(value, dict):
+            raise ValueError(f"expected an object, got {type(value).__name__}")
+        return {str(k): _from_jsonable(item, v) for k, v in value.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _dataclass_from_dict(tp, value)
-    if tp is float and isinstance(value, int):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, str, bool) and (type(value) is not tp):
+        raise ValueError(f"expected {tp.__name__}, got {type(value).__name__} {value!r:.40}")
+    if tp is float:
+        raise ValueError(f"expected a number, got {type(value).__name__} {value!r:.40}")
     return value
 
 
 def _dataclass_from_dict(cls: type[T], data: Any) -> T:
     if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
+        raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
     hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
-            kwargs[f.name] = _from_jsonable(hints[f.name], data[f.name])
+            try:
+                kwargs[f.name] = _from_jsonable(hints[f.name], data[f.name])
+            except ValueError as e:
+                raise ValueError(f"{cls.__name__}.{f.name}: {e}") from None
     return cls(**kwargs)
 
 

@@ -74,7 +74,11 @@ def materialize(paths: dict[str, str], dest: str | os.PathLike[str]) -> Path:
 
 
 def _link(link: Path, target: Path) -> None:
-    if link.exists() or link.is_symlink():
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(os.path.relpath(target, link.parent))
+    """Adds a link the map left implicit, unless the map already put something there."""
+    try:
+        if link.exists() or link.is_symlink():
+            return
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(target, link.parent))
+    except OSError:
+        pass  # a path component is a file in the map: keep the map's content

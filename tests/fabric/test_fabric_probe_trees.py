@@ -210,3 +210,16 @@ def test_live_probe_of_this_machine():
     assert any(n.kind == "loopback" for n in topo.nics)
     assert topo.host.torch_version  # software versions are read for the live host
     assert topo.sources["pyverbs"] in ("unavailable", "no-devices", "ok")
+
+
+def test_materialize_when_the_map_has_a_file_where_a_link_goes(tmp_path):
+    # found by hypothesis: a map entry that is a file on the path of an implicit link
+    paths = {
+        "/sys/bus/pci/devices/0000:00:00.0/infiniband/mlx5_0/ports/1/state": "4: ACTIVE\n",
+        "/sys/class/infiniband": "not a directory\n",
+        "/sys/bus/pci/devices/0000:00:00.0/net/ib0/device": "a file, not a link\n",
+        "/sys/bus/pci/devices/0000:00:00.0/net/ib0/mtu": "2044\n",
+    }
+    root = materialize(paths, tmp_path / "t")
+    topo = probe(root)
+    assert topo.rdma_devices == [] and any("class/infiniband" in w.path for w in topo.warnings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -43,8 +44,20 @@ def test_from_dict_ignores_unknown_and_fills_missing_keys():
 
 
 def test_from_dict_rejects_non_objects():
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError):
         HostTopology.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("data, where", [
+    ({"hostname": 5}, "HostTopology.hostname"),
+    ({"nics": "eth0"}, "HostTopology.nics"),
+    ({"rdma_devices": [{"ports": [{"rate_gbps": "fast"}]}]}, "RdmaPort.rate_gbps"),
+    ({"rdma_devices": [{"ports": [{"port": True}]}]}, "RdmaPort.port"),
+    ({"host": {"memlock": {"soft": "lots"}}}, "Limit.soft"),
+])
+def test_from_dict_names_the_field_with_the_wrong_type(data, where):
+    with pytest.raises(ValueError, match=re.escape(where)):
+        HostTopology.from_dict(data)
 
 
 def test_fingerprint_is_stable_and_ignores_warnings(dgx):
