@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class AgentResult:
     exit_code: int = 0
     message: str = ""
     hint: str = ""
+    failed_at: float | None = None  # when this node's first rank failed (orders root causes across nodes)
 
     @classmethod
     def read(cls, path: Path) -> "AgentResult | None":
@@ -94,7 +96,7 @@ def run_agent(req: AgentRequest) -> AgentResult:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
         return AgentResult(False, 1, describe_failures(e, Path(req.log_dir)),
-                           f"each rank's full output is under {req.log_dir}")
+                           f"each rank's full output is under {req.log_dir}", _first_failure_time(e))
     except SignalException as e:
         sig = signal.Signals(e.sigval)
         return AgentResult(False, 128 + int(e.sigval), f"interrupted by {sig.name}; all ranks were stopped")
@@ -102,6 +104,11 @@ def run_agent(req: AgentRequest) -> AgentResult:
         return AgentResult(False, 1, f"the elastic agent failed: {type(e).__name__}: {e}",
                            f"see the rank logs under {req.log_dir}")
     return AgentResult(True)
+
+
+def _first_failure_time(err: object) -> float:
+    """When this agent saw its ranks fail (torch's own failure timestamps are whole seconds)."""
+    return time.time()
 
 
 def describe_failures(err: object, log_dir: Path) -> str:

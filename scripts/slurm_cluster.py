@@ -105,6 +105,10 @@ class SlurmCluster:
         return self.root / "slurm.conf"
 
     @property
+    def ctld_port(self) -> int:
+        return 7000 + self.base
+
+    @property
     def cluster_name(self) -> str:
         return self.name
 
@@ -119,6 +123,7 @@ class SlurmCluster:
         host = socket.gethostname()
         lines = [
             f"ClusterName={self.cluster_name}",
+            f"SlurmctldPort={self.ctld_port}",  # per cluster, so two rigs never share a controller
             f"SlurmctldHost={host}({self.rig.controller_address})",
             "AuthType=auth/munge",
             "CryptoType=crypto/munge",

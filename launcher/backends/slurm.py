@@ -204,8 +204,11 @@ class JobStatus:
                  f"  run dir:  {self.run_dir or '-'}"]
         if self.exit_code:
             lines.append(f"  exit:     {self.exit_code}")
-        for f in self.failures:
-            lines.append(f"  failed:   node {f['node']}: {f['message'].splitlines()[0]}")
+        for i, f in enumerate(self.failures):
+            label = "failed:  " if i == 0 else "also:    "
+            lines.append(f"  {label} node {f['node']}: {f['message'].splitlines()[0]}")
+            if i == 0:
+                lines.extend(f"            {line}" for line in f["message"].splitlines()[1:][-6:])
         return "\n".join(lines)
 
 
@@ -423,8 +426,10 @@ class SlurmBackend:
         spec, slurm = req.spec, req.slurm
         marker = spec.run_dir / PREEMPTED_MARKER
         marker.unlink(missing_ok=True)
-        hosts = self.probe_nodes(spec, slurm)
-        rendezvous, node_env, reasons = select_rendezvous(hosts, slurm.nodes)
+        cfg = spec.config
+        cluster = cluster_of(self.probe_nodes(spec, slurm), slurm.nodes)
+        self._check(cluster, cfg, spec.run_dir)
+        rendezvous, node_env, reasons = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node)
         spec.env_reasons.update(reasons)
         port = _free_port(rendezvous)
         agents = self._agent_requests(spec, slurm, rendezvous=rendezvous, port=port, node_env=node_env)
@@ -450,6 +455,21 @@ class SlurmBackend:
         _write_final_state(spec.run_dir, "COMPLETED")
         return 0
 
+    @staticmethod
+    def _check(cluster: Any, cfg: Any, run_dir: Path) -> None:
+        """Fabric check across every node; errors stop the job unless fabric.on_error=warn."""
+        from aitrain.fabric.cache import preflight
+
+        fabric = getattr(cfg, "fabric", None)
+        if fabric is not None and not fabric.check:
+            return
+        on_error = fabric.on_error if fabric is not None else "fail"
+        result = preflight(cluster.hosts, on_error=on_error,
+                           expected_rate_gbps=getattr(fabric, "expected_rate_gbps", None), use_cache=False)
+        (run_dir / "preflight.json").write_text(json.dumps(
+            {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in result.findings]},
+            indent=1))
+
     def _requeue(self, slurm: SlurmEnvironment) -> int:
         if slurm.restart_count >= self.opts.max_requeues:
             raise JobFailedError(
@@ -467,17 +487,19 @@ class SlurmBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.glob("*.json"):
             old.unlink()
-        cmd = self._srun(slurm, [f"--output={out_dir}/%N.json", "--error=" + str(out_dir / "%N.err")]) + [
+        # %n is the node's index in the step (0..N-1): unlike %N (the hostname) it is unique
+        # even where every node has the same hostname.
+        cmd = self._srun(slurm, [f"--output={out_dir}/%n.json", "--error=" + str(out_dir / "%n.err")]) + [
             self.python, "-m", "aitrain.launcher.cli", "fabric", "probe", "--json"]
         r = subprocess.run(cmd, env=dict(self.environ), capture_output=True, text=True, timeout=300)
         hosts: dict[str, dict[str, Any]] = {}
-        for node in slurm.nodes:
-            path = out_dir / f"{node}.json"
+        for i, node in enumerate(slurm.nodes):
+            path = out_dir / f"{i}.json"
             try:
                 doc = json.loads(path.read_text())
                 host = doc["hosts"][0] if "hosts" in doc else doc
             except (OSError, ValueError, KeyError, IndexError):
-                err = (out_dir / f"{node}.err")
+                err = (out_dir / f"{i}.err")
                 detail = err.read_text().strip()[-2000:] if err.exists() else r.stderr.strip()[-2000:]
                 raise BackendError(f"the fabric probe failed on node {node}: {detail or 'no output'}",
                                    f"run `srun -w {node} aitrain fabric probe` by hand") from None
@@ -492,11 +514,10 @@ def _free_port(addr: str) -> int:
         return int(s.getsockname()[1])
 
 
-def select_rendezvous(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]
-                      ) -> tuple[str, dict[str, dict[str, str]], dict[str, str]]:
-    """Rendezvous address + per-node socket env from the probed hosts.
+def cluster_of(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]) -> Any:
+    """Probed host dicts -> a Cluster whose hosts are named by Slurm node name.
 
-    Uses ``aitrain.fabric.tune`` (per-host env with reasons) when available.
+    Hostnames may all be the same (or resolve to 127.0.0.1); node names are unique.
     """
     from aitrain.fabric.topology import Cluster, HostTopology
 
@@ -505,26 +526,48 @@ def select_rendezvous(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]
         h = HostTopology.from_dict(hosts[node])
         h.hostname = node
         topo.append(h)
-    cluster = Cluster(hosts=topo)
-    from aitrain.fabric import tune as fabric_tune
+    return Cluster(hosts=topo)
 
-    plan = fabric_tune.plan_rendezvous(cluster)
-    tuned = fabric_tune.tune(cluster, rendezvous=plan.address)
-    node_env = {node: dict(tuned[node].env) for node in nodes}
+
+def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int
+               ) -> tuple[str, dict[str, dict[str, str]], dict[str, str]]:
+    """Rendezvous address (node 0's address on the tuned interface) + per-node env and reasons."""
+    from aitrain.fabric.tune import TuneOptions, tune
+
+    fabric = cfg.fabric if cfg is not None else None
+    opts = TuneOptions(interface=getattr(fabric, "interface", None), nproc_per_node=nproc_per_node,
+                       multi_host=len(nodes) > 1, backend=getattr(cfg, "dist_backend", "auto"))
+    tuned = tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
+                 user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts)
+    address = tuned[nodes[0]].address
+    if not address:
+        raise BackendError(f"no usable interface with an address on {nodes[0]} for the rendezvous",
+                           "check `aitrain fabric probe` on that node, or set fabric.interface=<name>")
+    node_env = {n: dict(tuned[n].env) for n in nodes}
     reasons: dict[str, str] = {}
-    for node in nodes:
-        reasons.update(tuned[node].reasons)
-    return plan.address, node_env, reasons
+    for n in nodes:
+        for k, why in tuned[n].reasons.items():
+            reasons.setdefault(k, f"{n}: {why}")
+    return address, node_env, reasons
+
+
+# Errors a rank raises because a peer died first: collateral, not the root cause.
+COLLATERAL = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crashing|"
+                        r"killed by SIGTERM|killed by SIGKILL|interrupted by SIG|NCCL communicator was aborted|"
+                        r"Broken pipe", re.I)
 
 
 def node_failures(run_dir: Path) -> list[dict[str, Any]]:
-    """Failed nodes and their first failing rank, from the agents' result files."""
+    """Failed nodes, root cause first: failures that are not collateral damage from a dead
+    peer, then the node whose ranks failed earliest."""
     out = []
     for path in sorted(run_dir.glob("agent-result-*.json")):
         res = AgentResult.read(path)
         if res is not None and not res.ok:
             out.append({"node": path.stem[len("agent-result-"):], "message": res.message,
-                        "exit_code": res.exit_code})
+                        "exit_code": res.exit_code, "failed_at": res.failed_at})
+    out.sort(key=lambda f: (bool(COLLATERAL.search(f["message"])), f["failed_at"] is None,
+                            f["failed_at"] or 0.0))
     return out
 
 

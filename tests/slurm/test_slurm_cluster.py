@@ -1,0 +1,164 @@
+"""The Slurm backend on a real 2-node Slurm cluster (slurmctld + slurmd per network namespace).
+
+The hostname resolves to 127.0.0.1 on every node, so an untuned multi-node gloo job
+fails: these jobs only pass when aitrain picks each node's interface and the rendezvous
+address itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, aitrain_argv
+
+sys.path.insert(0, str(REPO / "scripts"))
+import slurm_cluster  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(900)]
+
+WHY = slurm_cluster.available()
+if WHY:
+    pytest.skip(f"real Slurm cluster unavailable: {WHY}", allow_module_level=True)
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global_batch_size=8",
+        "nproc_per_node=1", "train.log_every=5"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = slurm_cluster.SlurmCluster(nodes=2, name="aitslm", base=217)
+    try:
+        c.up()
+    except Exception as e:  # pragma: no cover - environment problems
+        c.down()
+        pytest.skip(f"could not start Slurm: {e}")
+    yield c
+    c.down()
+
+
+@pytest.fixture
+def env(cluster, tmp_path: Path) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.update(cluster.env())
+    e["XDG_STATE_HOME"] = str(tmp_path / "state")
+    e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
+    return e
+
+
+def aitrain(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(aitrain_argv() + args, cwd=cwd, env=env, text=True, capture_output=True, timeout=timeout)
+
+
+def submit(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    r = aitrain(["launch", "backend=slurm", "nnodes=2", *args], cwd, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    handle = next(w for w in r.stdout.split() if w.startswith("slurm://"))
+    return handle
+
+
+def wait_done(handle: str, cwd: Path, env: dict[str, str], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = aitrain(["status", handle, "--json"], cwd, env)
+        st = json.loads(r.stdout)
+        if st["state"] not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", ""):
+            return st
+        time.sleep(1)
+    raise AssertionError(f"{handle} did not finish in {timeout}s: {st}")
+
+
+def mlflow_runs(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("aitrain")
+    return (client.search_runs([exp.experiment_id]) if exp else []), client
+
+
+def job_output(st: dict) -> str:
+    run_dir = Path(st["run_dir"])
+    return "\n".join(p.read_text(errors="replace") for p in run_dir.glob("slurm-*.out"))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_node_job_from_a_login_node(strategy: str, tmp_path: Path, env: dict[str, str]) -> None:
+    handle = submit([f"+strategy={strategy}", "train.steps=10", *TINY], tmp_path, env)
+    assert handle.startswith("slurm://aitslm/")
+    st = wait_done(handle, tmp_path, env)
+    out = job_output(st)
+    assert st["state"] == "COMPLETED", out
+    assert "[rank1]:" in out or "rank1" in out
+    runs, client = mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    losses = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert len(losses) == 10
+    # The rendezvous address is an interface address, never the hostname (which is 127.0.0.1 here).
+    agents = json.loads((Path(st["run_dir"]) / "agents.json").read_text())
+    assert agents[0]["master_addr"].startswith("10.217.")
+    assert {a["env"]["GLOO_SOCKET_IFNAME"].lstrip("=") for a in agents} == {"fab0"}
+
+
+def test_wrapper_script_with_sbatch(tmp_path: Path, env: dict[str, str]) -> None:
+    r = subprocess.run(["sbatch", "--parsable", "-N", "2", str(REPO / "slurm" / "aitrain.sbatch"),
+                        "+strategy=ddp", "train.steps=5", *TINY],
+                       cwd=tmp_path, env=env, text=True, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobid = r.stdout.strip().split(";")[0]
+    st = wait_done(jobid, tmp_path, env)
+    out = (tmp_path / f"aitrain-{jobid}.out").read_text()
+    assert st["state"] == "COMPLETED", out
+    assert "step 5/5" in out
+
+
+def test_status_logs_and_cancel(tmp_path: Path, env: dict[str, str]) -> None:
+    handle = submit(["train.steps=100000", *TINY], tmp_path, env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = aitrain(["logs", handle], tmp_path, env).stdout
+        if "step 5/" in logs:
+            break
+        time.sleep(1)
+    assert "step 5/" in logs
+    st = json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)
+    assert st["state"] == "RUNNING" and "node" in st["nodes"]
+    assert "cancelled" in aitrain(["cancel", handle], tmp_path, env).stdout
+    st = wait_done(handle, tmp_path, env, timeout=60)
+    assert st["state"] == "CANCELLED"
+    again = aitrain(["cancel", handle], tmp_path, env)  # idempotent
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    # --follow returns once the job has ended
+    r = aitrain(["logs", handle, "--follow"], tmp_path, env, timeout=60)
+    assert r.returncode == 0
+
+
+def test_failing_rank_on_node_two_ends_the_job_on_node_one(tmp_path: Path, env: dict[str, str]) -> None:
+    script = REPO / "tests" / "scripts" / "fail_rank.py"
+    env = dict(env, MODE="raise", FAIL_RANK="1")
+    t0 = time.monotonic()
+    handle = submit([f"script={script}", "tracking=none", "nproc_per_node=1"], tmp_path, env)
+    st = wait_done(handle, tmp_path, env, timeout=120)
+    assert time.monotonic() - t0 < 100
+    assert st["state"] == "FAILED", st
+    assert st["failures"] and st["failures"][0]["node"] == "node2"
+    status_text = aitrain(["status", handle], tmp_path, env).stdout
+    assert "node2" in status_text and "rank 1" in status_text
+
+
+def test_override_with_shell_metacharacters_arrives_unchanged(tmp_path: Path, env: dict[str, str]) -> None:
+    nasty = "run a;b $(touch /tmp/aitrain-slurm-pwned) `id` & 'x'"
+    handle = submit([f'tracking.run_name="{nasty}"', "train.steps=2", *TINY], tmp_path, env)
+    st = wait_done(handle, tmp_path, env)
+    assert st["state"] == "COMPLETED", job_output(st)
+    runs, _ = mlflow_runs(tmp_path)
+    assert runs[0].info.run_name == nasty
+    assert not Path("/tmp/aitrain-slurm-pwned").exists()
+    script = Path(st["run_dir"]) / "aitrain.sbatch"
+    assert oct(script.stat().st_mode & 0o077) == "0o0"
