@@ -11,9 +11,11 @@ Nothing here reads the machine: see ``aitrain.fabric.probe`` for the readers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import json
+import socket
 import types
 import typing
 from dataclasses import dataclass, field
@@ -435,7 +437,7 @@ class HostTopology(_Serializable):
         """
         if self.rendezvous is not None and self.rendezvous.address == address:
             return self.rendezvous
-        return lookup_route(address, self.routes, self.local_addresses())
+        return lookup_route(address, self.routes, nics=self.nics)
 
     def fingerprint(self) -> str:
         """A stable hash of what was found (not of when, or of probe warnings)."""
@@ -446,40 +448,89 @@ class HostTopology(_Serializable):
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_ip(text: str) -> tuple[int, int] | None:
+    """(family, integer) of an address, or None. Cached: clusters repeat addresses."""
+    for family, width in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            return width, int.from_bytes(socket.inet_pton(family, text), "big")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parse_prefix(text: str) -> tuple[int, int, int] | None:
+    """(family, network integer, prefix length) of ``a.b.c.d/len``, or None."""
+    addr, _, plen = text.partition("/")
+    parsed = _parse_ip(addr)
+    if parsed is None:
+        return None
+    family, value = parsed
+    bits = 32 if family == 4 else 128
+    try:
+        length = int(plen) if plen else bits
+    except ValueError:
+        return None
+    if not 0 <= length <= bits:
+        return None
+    return family, value >> (bits - length) if length else 0, length
+
+
+def _contains(prefix: tuple[int, int, int], family: int, value: int) -> bool:
+    pfamily, net, length = prefix
+    if pfamily != family:
+        return False
+    bits = 32 if family == 4 else 128
+    return (value >> (bits - length) if length else 0) == net
+
+
 def lookup_route(
     address: str,
     routes: Iterable[Route],
     local: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] | None = None,
+    *,
+    nics: Iterable[Nic] | None = None,
 ) -> RouteLookup:
-    """Longest-prefix match of ``address`` over ``routes``, lowest metric first."""
+    """Longest-prefix match of ``address`` over ``routes``, lowest metric first.
+
+    Own addresses come from ``local`` (address -> interface) or from ``nics``; an own
+    address is reached locally."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return RouteLookup(address=address, method="none")
-    if local and ip in local:
-        return RouteLookup(address=address, interface=local[ip], local=True, source=str(ip))
+    family, value = (4 if ip.version == 4 else 6), int(ip)
+    own: list[tuple[str, str, int]] = []  # (interface, address text, family)
+    if local:
+        own = [(name, str(a), 4 if a.version == 4 else 6) for a, name in local.items()]
+        if ip in local:
+            return RouteLookup(address=address, interface=local[ip], local=True, source=str(ip))
+    for nic in nics or ():
+        for cidr in (*nic.ipv4, *nic.ipv6):
+            text = cidr.partition("/")[0]
+            parsed = _parse_ip(text)
+            if parsed is None:
+                continue
+            if parsed == (family, value):
+                return RouteLookup(address=address, interface=nic.name, local=True, source=str(ip))
+            own.append((nic.name, text, parsed[0]))
     if ip.is_loopback:
         return RouteLookup(address=address, interface="lo", local=True)
-    best: tuple[int, int, Route] | None = None
+    best: Route | None = None
+    best_key = (-1, 0)
     for route in routes:
-        net = route.network
-        if net is None or net.version != ip.version or ip not in net:
+        prefix = _parse_prefix(route.destination)
+        if prefix is None or not _contains(prefix, family, value):
             continue
-        key = (net.prefixlen, -route.metric)
-        if best is None or key > best[:2]:
-            best = (key[0], key[1], route)
+        key = (prefix[2], -route.metric)
+        if key > best_key:
+            best, best_key = route, key
     if best is None:
         return RouteLookup(address=address, method="procfs")
-    route = best[2]
-    source = None
-    if local:
-        for own, name in local.items():
-            if name == route.interface and own.version == ip.version and not own.is_link_local:
-                source = str(own)
-                break
-    return RouteLookup(
-        address=address, interface=route.interface, gateway=route.gateway, source=source
-    )
+    source = next((text for name, text, fam in own
+                   if name == best.interface and fam == family and not text.lower().startswith("fe80")), None)
+    return RouteLookup(address=address, interface=best.interface, gateway=best.gateway, source=source)
 
 
 # --------------------------------------------------------------------------- PCI distance

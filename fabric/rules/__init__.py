@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aitrain.fabric.findings import Finding, Severity
-from aitrain.fabric.topology import HostTopology, Nic, PciDevice, RdmaDevice
+from aitrain.fabric.topology import HostTopology, Nic, PciDevice, RdmaDevice, RouteLookup
 
 MIB = 1 << 20
 
@@ -39,6 +39,7 @@ class HostView:
     pci: dict[str, PciDevice] = field(default_factory=dict)
     nics: dict[str, Nic] = field(default_factory=dict)
     names_by_pci: dict[str, str] = field(default_factory=dict)
+    routes: dict[str, RouteLookup] = field(default_factory=dict)
 
     @classmethod
     def of(cls, topo: HostTopology) -> "HostView":
@@ -55,6 +56,12 @@ class HostView:
             if g.pci_address:
                 view.names_by_pci[g.pci_address] = f"gpu{g.index}"
         return view
+
+    def route_to(self, address: str) -> RouteLookup:
+        """``topo.route_to``, once per address per check (several rules ask)."""
+        if address not in self.routes:
+            self.routes[address] = self.topo.route_to(address)
+        return self.routes[address]
 
     def finding(
         self,

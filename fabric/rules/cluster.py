@@ -99,7 +99,7 @@ def _socket_mtu(opts: CheckOptions) -> Callable[[HostView], int | None]:
     def value(v: HostView) -> int | None:
         if not opts.rendezvous:
             return None
-        lookup = v.topo.route_to(opts.rendezvous)
+        lookup = v.route_to(opts.rendezvous)
         nic = v.nics.get(lookup.interface or "")
         return nic.mtu if nic is not None and not lookup.local else None
     return value

@@ -18,7 +18,7 @@ def rendezvous(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
     if not address:
         return
     topo = view.topo
-    lookup = topo.route_to(address)
+    lookup = view.route_to(address)
     if lookup.local:
         return
     if lookup.method == "none":
