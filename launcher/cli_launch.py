@@ -22,14 +22,24 @@ from typing import Any
 
 from aitrain import __version__
 from aitrain.errors import AitrainError, ConfigError, JobFailedError
-from aitrain.launcher.config import DEFAULT_GROUPS, JobConfig, register_configs, to_job_config, validate_overrides
+from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, JobConfig, register_configs, to_job_config, validate_overrides
 
 _ADD_GROUP = re.compile(r"^\+(%s)=" % "|".join(DEFAULT_GROUPS))
 
 
+_FREE_FORM_KEY = re.compile(r"^(%s)\.[^=]+=" % "|".join(re.escape(p) for p in FREE_FORM))
+
+
 def normalize_overrides(argv: list[str]) -> list[str]:
-    """``+strategy=fsdp`` -> ``strategy=fsdp`` for groups in the defaults list."""
-    return [_ADD_GROUP.sub(r"\1=", a) for a in argv]
+    """``+strategy=fsdp`` -> ``strategy=fsdp`` for groups in the defaults list, and
+    ``fabric.env.X=v`` -> ``++fabric.env.X=v`` (free-form maps: add or override)."""
+    out = []
+    for a in argv:
+        a = _ADD_GROUP.sub(r"\1=", a)
+        if _FREE_FORM_KEY.match(a):
+            a = "++" + a
+        out.append(a)
+    return out
 
 
 _NO_AGENT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve", "-i"}
@@ -151,9 +161,13 @@ def launch(cfg: Any) -> int:
         spec.env_reasons[k] = "user-set (fabric.env)"
 
     backend = get_backend(job.backend)
-    if job.fabric.check and backend.name == "local":
-        # Multi-node backends probe every node of the job themselves.
-        spec.findings, spec.topology = _preflight_local(job, run_dir)
+    if backend.name == "local":
+        # Multi-node backends probe, check and tune every node of the job themselves.
+        host = None
+        if job.fabric.check:
+            spec.findings, host = _preflight_local(job, run_dir)
+        if job.fabric.tune:
+            _tune_local(job, spec, host)
     request = backend.dryrun(spec)
     if job.dry_run:
         print("# resolved config")
@@ -190,7 +204,7 @@ def launch(cfg: Any) -> int:
     return 0
 
 
-def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], dict[str, Any]]:
+def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
     """Probe and check this host's fabric and kernel settings (cached per host fingerprint).
 
     Errors stop the launch unless fabric.on_error=warn; the rest is summarised in one line.
@@ -217,7 +231,27 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], dict[str
         print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) on this host "
               f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
               "aitrain host check", flush=True)
-    return findings, result.cluster.hosts[0].to_dict() if result.cluster.hosts else {}
+    return findings, result.cluster.hosts[0] if result.cluster.hosts else None
+
+
+def _tune_local(job: JobConfig, spec: Any, host: Any) -> None:
+    """This host's NCCL/Gloo/OMP env for the ranks, each value with its reason; user-set wins."""
+    import os
+
+    from aitrain.fabric import probe
+    from aitrain.fabric.tune import TuneOptions, tune
+
+    if host is None:
+        host = probe()
+    opts = TuneOptions(interface=job.fabric.interface, nproc_per_node=job.nproc_per_node, multi_host=False,
+                       backend=job.dist_backend)
+    tuned = next(iter(tune(host, nccl_version=job.fabric.nccl_version, user_env=dict(job.fabric.env),
+                           shell_env=os.environ, options=opts).values()))
+    spec.topology = host.to_dict()
+    for key, value in tuned.env.items():
+        spec.env[key] = value
+        why = tuned.reasons.get(key, "")
+        spec.env_reasons[key] = why if key in tuned.user_set else f"tuned: {why}"
 
 
 def _task_overrides() -> list[str]:

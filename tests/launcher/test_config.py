@@ -16,6 +16,11 @@ from aitrain.launcher.config import (
 from aitrain.strategies.plan import ParallelPlan
 
 
+def test_free_form_keys_need_no_plus() -> None:
+    assert normalize_overrides(["fabric.env.NCCL_DEBUG=WARN", "+fabric.env.A=1", "fabric.envx=1"]) == [
+        "++fabric.env.NCCL_DEBUG=WARN", "+fabric.env.A=1", "fabric.envx=1"]
+
+
 def test_plus_group_is_rewritten_for_default_groups() -> None:
     assert normalize_overrides(["+strategy=fsdp", "+backend=local", "+foo=1", "train.lr=1"]) == [
         "strategy=fsdp", "backend=local", "+foo=1", "train.lr=1"]
