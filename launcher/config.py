@@ -65,12 +65,19 @@ class StrategyConfig:
     """How the model is parallelised (set by the `strategy` group)."""
 
     name: str = "ddp"  # registered strategy: ddp, fsdp, hsdp, tp, pp, fsdp_tp, fsdp_tp_pp
-    mixed_precision: str = "none"  # none | bf16 (bf16 params, fp32 reduce where supported)
-    activation_checkpointing: str = "none"  # none | selective | full
-    compile: bool = False  # wrap blocks in torch.compile
-    sequence_parallel: bool = False  # TP only: shard norms/dropout along the sequence
-    pp_schedule: str = "1F1B"  # PP only: GPipe | 1F1B | Interleaved1F1B
-    pp_microbatches: int = 4  # PP only: micro-batches per step
+    mixed_precision: str = "none"  # none | bf16 (bf16 compute, fp32 params and gradient reduce; fp32 if unsupported)
+    activation_checkpointing: str = "none"  # none | selective (keep matmul/attention outputs) | full (per block)
+    compile: bool = False  # torch.compile each transformer block
+    sequence_parallel: bool = False  # TP only: shard norms and the residual stream along the sequence
+
+
+@dataclass
+class PipelineConfig:
+    """Pipeline parallelism (used when parallel.pp > 1)."""
+
+    schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble
+    microbatches: int = 4  # micro-batches per pipeline step (per train.grad_accum micro-step)
+    stages_per_rank: int = 0  # model chunks per pipeline rank (0: 1 for GPipe/1F1B, 2 for interleaved schedules)
 
 
 @dataclass
@@ -87,9 +94,9 @@ class ParallelConfig:
 class CheckpointConfig:
     """Distributed checkpoints (torch.distributed.checkpoint)."""
 
-    every_n_steps: int = 0  # save every N steps (0: never)
-    dir: Optional[str] = None  # where to save (default: <run_dir>/checkpoints)
-    keep: int = 3  # complete checkpoints kept (oldest removed first)
+    every_n_steps: int = 0  # save every N steps and after the last one (0: never)
+    dir: Optional[str] = None  # checkpoint root; set it to a fixed path to resume across launches (default: <run_dir>/checkpoints)
+    keep: int = 3  # complete checkpoints kept, oldest removed first (0: keep all)
 
 
 @dataclass
@@ -171,6 +178,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    pp: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)

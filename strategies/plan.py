@@ -67,11 +67,24 @@ class ParallelPlan:
         """Data-parallel size: how many ways the global batch is split."""
         return self.dp_replicate * self.dp_shard
 
+    def describe(self) -> str:
+        return _describe(vars(self))
+
     def mesh_dims(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
         """Names and sizes of the mesh dimensions, outermost first (pp, dp_replicate, dp_shard, tp)."""
         names = ("pp", "dp_replicate", "dp_shard", "tp")
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         return names, sizes
+
+
+def require_degrees(strategy: str, plan: ParallelPlan, hint: str, **expected: int) -> None:
+    """Raise ConfigError naming every degree of ``plan`` that differs from ``expected``."""
+    wrong = {k: getattr(plan, k) for k, v in expected.items() if getattr(plan, k) != v}
+    if wrong:
+        got = ", ".join(f"parallel.{k}={v}" for k, v in wrong.items())
+        want = ", ".join(f"parallel.{k}={expected[k]}" for k in wrong)
+        raise ConfigError(f"strategy {strategy} needs {want}, but the job has {got} "
+                          f"(resolved degrees: {plan.describe()})", hint)
 
 
 def _describe(degrees: dict[str, int]) -> str:

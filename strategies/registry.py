@@ -1,35 +1,61 @@
-"""Strategies as registered functions ``(model, *, plan, mesh, cfg) -> model``.
+"""Strategies as registered functions ``(model, *, plan, mesh, options) -> model``.
 
-Registering a name twice is an error; an unknown name lists the known ones.
+Each strategy also registers a ``check(plan, options)`` that rejects degrees it
+cannot run (``ddp`` with ``tp=2``) before any process starts. Registering a
+name twice is an error; an unknown name lists the known ones. The built-in
+strategies register when first looked up (importing them imports torch).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from aitrain.errors import ConfigError
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
+
+    from aitrain.strategies.options import StrategyOptions
+    from aitrain.strategies.plan import ParallelPlan
 
 
 class StrategyFn(Protocol):
-    def __call__(self, model: nn.Module, *, plan: Any, mesh: Any, cfg: Any) -> nn.Module: ...
+    def __call__(self, model: "nn.Module", *, plan: "ParallelPlan", mesh: Any,
+                 options: "StrategyOptions") -> "nn.Module": ...
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+CheckFn = Callable[["ParallelPlan", "StrategyOptions"], None]
 
 
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    fn: StrategyFn
+    check: Optional[CheckFn]
+    summary: str
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register(name: str, *, check: Optional[CheckFn] = None,
+             summary: str = "") -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: register ``fn`` as strategy ``name`` (an error if the name is taken)."""
+
+    def deco(fn: StrategyFn) -> StrategyFn:
         if name in _REGISTRY:
-            raise ValueError(f"strategy '{name}' is already registered (by {_REGISTRY[name].__module__})")
-        _REGISTRY[name] = fn
+            raise ConfigError(
+                f"strategy '{name}' is already registered (by {_REGISTRY[name].fn.__module__})",
+                "pick another name for the new strategy",
+            )
+        _REGISTRY[name] = Strategy(name, fn, check, summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
 
 
-def get(name: str) -> Callable[..., nn.Module]:
+def lookup(name: str) -> Strategy:
     _load_builtin()
     try:
         return _REGISTRY[name]
@@ -40,11 +66,33 @@ def get(name: str) -> Callable[..., nn.Module]:
         ) from None
 
 
+def get(name: str) -> StrategyFn:
+    """The registered function for ``name``; an unknown name lists the known ones."""
+    return lookup(name).fn
+
+
+def check(name: str, plan: "ParallelPlan", options: "StrategyOptions") -> None:
+    """Raise ConfigError if strategy ``name`` cannot run with these degrees/options."""
+    s = lookup(name)
+    if s.check is not None:
+        s.check(plan, options)
+
+
 def names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
 
 
+_BUILTIN = ("ddp", "fsdp", "tp", "pp", "composed")
+_loaded = False
+
+
 def _load_builtin() -> None:
-    # Importing the modules registers them.
-    from aitrain.strategies import ddp  # noqa: F401
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for mod in _BUILTIN:  # importing a module registers its strategies
+        importlib.import_module(f"aitrain.strategies.{mod}")
