@@ -1,23 +1,24 @@
-"""DDP: replicate the model on every rank, all-reduce gradients."""
+"""DDP: the whole model replicated on every rank, gradients all-reduced (``DistributedDataParallel``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
+from aitrain.strategies.options import StrategyOptions
+from aitrain.strategies.plan import ParallelPlan
+from aitrain.strategies.rules import check_degrees
 from aitrain.strategies.registry import register
 
 
-@register("ddp")
-def apply_ddp(model: nn.Module, *, plan: Any, mesh: Any, cfg: Any) -> nn.Module:
-    if mesh is not None and "dp_replicate" in (mesh.mesh_dim_names or ()):
-        pg = mesh["dp_replicate"].get_group()
-    else:
-        pg = None
-    device_ids = None
-    p = next(model.parameters())
-    if p.is_cuda:
-        device_ids = [p.device.index]
-    return DistributedDataParallel(model, device_ids=device_ids, process_group=pg)
+def _check_ddp(plan: ParallelPlan, options: StrategyOptions) -> None:
+    check_degrees("ddp", plan)
+
+
+@register("ddp", check=_check_ddp, summary="replicate the model, all-reduce gradients (DistributedDataParallel)")
+def apply_ddp(model: nn.Module, *, plan: ParallelPlan, mesh: Any, options: StrategyOptions) -> nn.Module:
+    from aitrain.strategies.compose import parallelize
+
+    _check_ddp(plan, options)
+    return parallelize(model, plan=plan, mesh=mesh, options=options, strategy="ddp", data_parallel="ddp")
