@@ -5,6 +5,12 @@ environment and the resolved job config from ``--config`` (written by the
 launcher into the run directory). Run by hand with::
 
     torchrun --nproc-per-node 2 -m aitrain.launcher.train --config outputs/.../job.yaml
+
+The step is strategy-neutral: ``aitrain.strategies`` parallelises the model and
+drives forward/backward (a pipeline schedule under PP, micro-steps under
+gradient accumulation), the gradient norm and the loss average; this file owns
+the data, the optimizer, the schedule of the learning rate, metrics and
+checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +31,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from aitrain.launcher.config import JobConfig, job_config_from_dict
 from aitrain.launcher.data import MarkovTokens
 from aitrain.launcher.metrics import MetricsWriter
+from aitrain.strategies import checkpoint as ckpt
+from aitrain.strategies.api import apply, clip_grad_norm_, data_parallel_rank, forward_backward, mean_loss
 from aitrain.strategies.model import GPT, GPTArgs, cross_entropy
+from aitrain.strategies.options import StrategyOptions
 from aitrain.strategies.plan import ParallelPlan
 
 
@@ -58,6 +68,42 @@ def load_job(path: str) -> JobConfig:
         return job_config_from_dict(yaml.safe_load(f))
 
 
+def model_args(cfg: JobConfig) -> GPTArgs:
+    m = cfg.model
+    return GPTArgs(m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.mlp_ratio, m.dropout)
+
+
+def strategy_options(cfg: JobConfig) -> StrategyOptions:
+    return StrategyOptions.from_config(cfg.strategy, cfg.pp)
+
+
+def check_job(cfg: JobConfig, world_size: int) -> ParallelPlan:
+    """Everything about the strategy that can be checked before training: the degrees against the
+    world size and the strategy, the options, the model against the TP plan and the pipeline
+    stages, the batch against dp x accumulation x micro-batches. The launcher runs the torch-free
+    part (``strategies.rules.preflight``) before any process starts; ranks add the module walk."""
+    from aitrain.strategies.compose import check_model
+    from aitrain.strategies.rules import preflight
+
+    plan = ParallelPlan.resolve(world_size=world_size, **vars(cfg.parallel))
+    options = strategy_options(cfg)
+    builtin = cfg.script is None
+    preflight(cfg.strategy.name, plan, options, model=cfg.model if builtin else None,
+              train=cfg.train if builtin else None)
+    if builtin:
+        with torch.device("meta"):
+            model = GPT(model_args(cfg))
+        check_model(model, plan, options, seq_len=cfg.model.seq_len)
+    return plan
+
+
+def checkpoint_root(cfg: JobConfig) -> Path:
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir).expanduser()
+    run_dir = os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir
+    return Path(run_dir) / "checkpoints"
+
+
 def train(cfg: JobConfig) -> float:
     """Run the training loop; returns the last step's loss."""
     rank = int(os.environ.get("RANK", "0"))
@@ -68,61 +114,80 @@ def train(cfg: JobConfig) -> float:
     if world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(resolve_dist_backend(cfg.dist_backend, device))
 
-    plan = ParallelPlan.resolve(world_size=world, **vars(cfg.parallel))
+    plan = check_job(cfg, world)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    model = GPT(GPTArgs(m.vocab_size, m.seq_len, m.n_layer, m.n_head, m.d_model, m.mlp_ratio, m.dropout))
+    model = GPT(model_args(cfg))
+    n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     if dist.is_initialized():
-        from aitrain.strategies import apply
-
-        model = apply(model, plan, strategy=cfg.strategy.name, cfg=cfg.strategy)
+        model = apply(model, plan, strategy=cfg.strategy.name, options=strategy_options(cfg))
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     data = MarkovTokens(m.vocab_size, m.seq_len, cfg.data.branching, cfg.train.seed)
-    dp_rank, dp_size = rank % plan.dp, plan.dp
+    dp_rank, dp_size = data_parallel_rank(model)
     metrics = MetricsWriter() if rank == 0 else MetricsWriter(path=None)
     tokens_per_step = cfg.train.global_batch_size * m.seq_len
+    root = checkpoint_root(cfg)
+    start = 0
+    resume_from = ckpt.resolve_resume(cfg.resume, root)
+    if resume_from is not None:
+        info = ckpt.load(resume_from, model, opt)
+        start = int(info["step"])
+        if rank == 0:
+            print(f"aitrain: resumed from {resume_from} (step {start}, saved by {info.get('strategy', '?')} on "
+                  f"{info.get('world_size', '?')} rank(s))", flush=True)
+    elif cfg.resume == "auto" and rank == 0:
+        print(f"aitrain: resume=auto found no complete checkpoint under {root}; starting fresh", flush=True)
     if rank == 0:
         print(
-            f"aitrain: training {cfg.strategy.name} on {world} rank(s), device {device.type}, "
-            f"{sum(p.numel() for p in model.parameters())} params per rank, "
+            f"aitrain: training {cfg.strategy.name} on {world} rank(s) ({plan.describe()}), device {device.type}, "
+            f"{n_params} params, {_local_numel(model)} on this rank, "
             f"loss starts near {data.initial_loss:.2f}, floor {data.entropy:.2f}",
             flush=True,
         )
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    every = cfg.checkpoint.every_n_steps
     loss_value = float("nan")
-    for step in range(cfg.train.steps):
+    for step in range(start, cfg.train.steps):
         t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         inputs, targets = data.local_batch(step, cfg.train.global_batch_size, dp_rank, dp_size)
         inputs, targets = inputs.to(device), targets.to(device)
-        loss = cross_entropy(model(inputs), targets)
-        loss.backward()
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        loss = forward_backward(model, inputs, targets, cross_entropy, grad_accum=cfg.train.grad_accum)
+        grad_norm = clip_grad_norm_(model, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss_t = loss.detach()
-        if dist.is_initialized():
-            dist.all_reduce(loss_t)  # gloo has no AVG
-            loss_t /= world
-        loss_value = float(loss_t)
+        loss_value = mean_loss(model, loss) if dist.is_initialized() else float(loss)  # type: ignore[arg-type]
         dt = time.perf_counter() - t0
         if rank == 0:
             metrics.log(step + 1, loss=loss_value, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
-                        lr=lr_at(step, cfg), grad_norm=float(grad_norm))
-            if step == 0 or (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                        lr=lr, grad_norm=float(grad_norm))
+            if step == start or (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 print(f"step {step + 1}/{cfg.train.steps} loss {loss_value:.4f} "
                       f"tokens/s {tokens_per_step / dt:,.0f}", flush=True)
+        if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps):
+            _save(root, step + 1, model, opt, cfg, plan)
     metrics.close()
     if dist.is_initialized():
-        # A barrier first: under torch 2.13, gloo aborts ("terminate called without an
-        # active exception") in about half the runs when ranks destroy the group while
-        # a peer is still finishing its last collective.
-        dist.barrier()
         dist.destroy_process_group()
     return loss_value
+
+
+def _local_numel(model: Any) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
+def _save(root: Path, step: int, model: Any, opt: Any, cfg: JobConfig, plan: ParallelPlan) -> None:
+    t0 = time.perf_counter()
+    path = ckpt.save(root, step, model, opt, keep=cfg.checkpoint.keep,
+                     info={"strategy": cfg.strategy.name, "plan": vars(plan)})
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"aitrain: checkpoint step {step} saved to {path} in {time.perf_counter() - t0:.2f}s", flush=True)
 
 
 @record
@@ -130,10 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aitrain.launcher.train")
     parser.add_argument("--config", required=True, help="resolved job config (YAML) written by aitrain")
     args = parser.parse_args(argv)
-    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by an elastic agent (aitrain or torchrun)
-        from aitrain.launcher.supervise import die_with_parent
-
-        die_with_parent()
     if not Path(args.config).is_file():
         print(f"aitrain.train: config file not found: {args.config}", file=sys.stderr)
         return 2
