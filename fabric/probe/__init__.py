@@ -104,6 +104,12 @@ def probe(
     state = routes.read_net_state(proc)
     topo.routes, topo.routes_known = state.routes, state.routes_known
     topo.nics = net.read_nics(sys, state)
+    if live and proc_path == LIVE_PROCFS:
+        # /sys/class/net belongs to the namespace that mounted sysfs (nsenter --net
+        # keeps the root's): take this namespace's interfaces from the kernel.
+        from aitrain.fabric.probe.netns import reconcile_nics
+
+        topo.nics, topo.sources["net"] = reconcile_nics(topo.nics, sys, state.ipv4, state.ipv6)
     topo.rdma_devices = infiniband.read_rdma_devices(sys, topo.nics)
 
     if pyverbs if pyverbs is not None else live:
