@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from aitrain.launcher.config import JobConfig, job_config_from_dict
 from aitrain.launcher.data import MarkovTokens
 from aitrain.launcher.metrics import MetricsWriter
+from aitrain.launcher.preemption import Stopper
 from aitrain.strategies import checkpoint as ckpt
 from aitrain.strategies.api import apply, clip_grad_norm_, data_parallel_rank, forward_backward, mean_loss
 from aitrain.strategies.model import GPT, GPTArgs, cross_entropy
@@ -146,6 +147,7 @@ def train(cfg: JobConfig) -> float:
             f"loss starts near {data.initial_loss:.2f}, floor {data.entropy:.2f}",
             flush=True,
         )
+    stopper = Stopper.from_env()
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     every = cfg.checkpoint.every_n_steps
     loss_value = float("nan")
@@ -168,10 +170,22 @@ def train(cfg: JobConfig) -> float:
             if step == start or (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 print(f"step {step + 1}/{cfg.train.steps} loss {loss_value:.4f} "
                       f"tokens/s {tokens_per_step / dt:,.0f}", flush=True)
-        if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps):
+        saved = bool(every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
+        if saved:
             _save(root, step + 1, model, opt, cfg, plan)
+        if stopper.should_stop():  # the scheduler warned of preemption / the time limit
+            if not saved:
+                _save(root, step + 1, model, opt, cfg, plan)
+            if rank == 0:
+                Stopper.mark(os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir, step + 1)
+                print(f"aitrain: stopping at step {step + 1} on the scheduler's signal; checkpoint saved", flush=True)
+            break
     metrics.close()
     if dist.is_initialized():
+        # A barrier first: under torch 2.13, gloo aborts ("terminate called without an
+        # active exception") in about half the runs when ranks destroy the group while
+        # a peer is still finishing its last collective.
+        dist.barrier()
         dist.destroy_process_group()
     return loss_value
 
@@ -195,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aitrain.launcher.train")
     parser.add_argument("--config", required=True, help="resolved job config (YAML) written by aitrain")
     args = parser.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by an elastic agent (aitrain or torchrun)
+        from aitrain.launcher.supervise import die_with_parent
+
+        die_with_parent()  # no rank outlives its agent, even one that was SIGKILLed
     if not Path(args.config).is_file():
         print(f"aitrain.train: config file not found: {args.config}", file=sys.stderr)
         return 2

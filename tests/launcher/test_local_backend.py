@@ -229,3 +229,39 @@ def test_multirun_makes_one_mlflow_run_per_job(tmp_path: Path) -> None:
     metrics = list(tmp_path.glob("outputs/multirun/*/*/*/metrics.jsonl"))
     assert len(metrics) == 2
     assert json.loads(metrics[0].read_text().splitlines()[-1])["step"] == 5
+
+
+def test_built_in_job_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    """The built-in job skips the trampoline; it arms PDEATHSIG itself."""
+    proc = subprocess.Popen(aitrain_argv() + ["launch", "tracking=none", "train.steps=100000", "train.log_every=1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "step 2/" in line:
+                break
+        ranks = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and b"aitrain.launcher.train" in _cmdline(p) and _cwd(p) == tmp_path]
+        assert len(ranks) == 2
+        agent = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and b"aitrain.launcher.agent" in _cmdline(p) and _cwd(p) == tmp_path]
+        os.kill(agent[0], signal.SIGKILL)  # the node agent dies without any teardown
+    finally:
+        proc.kill()
+        proc.wait(10)
+    _assert_all_gone(ranks)
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _cwd(p: Path) -> Path | None:
+    try:
+        return Path(os.readlink(p / "cwd"))
+    except OSError:
+        return None
