@@ -114,40 +114,45 @@ def baseline_pass(hosts: list[HostTopology]) -> int:
     return n
 
 
-def best_of(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    best = float("inf")
+def best_of(fn, reps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(best CPU seconds, best wall seconds). CPU time is what the verdicts use: on a
+    shared machine wall time also counts the time other processes held the CPU."""
+    cpu = wall = float("inf")
     for _ in range(reps):
         gc.collect()
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        cpu = min(cpu, time.process_time() - c0)
+        wall = min(wall, time.perf_counter() - w0)
+    return cpu, wall
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 512, 4096])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=None,
+                        help="tries per size, best kept (default: 3, more for small sizes)")
     args = parser.parse_args(argv)
 
-    print(f"{'hosts':>6}  {'check s':>8}  {'us/host':>8}  {'findings':>8}  {'x baseline':>10}")
+    print(f"{'hosts':>6}  {'cpu s':>8}  {'wall s':>8}  {'us/host':>8}  {'findings':>8}  {'x baseline':>10}")
     per_host: dict[int, float] = {}
     for n in args.sizes:
         hosts = synthetic_hosts(n)
         kwargs = dict(expected_rate_gbps=400, rendezvous="10.0.0.2")
         findings = check(hosts, **kwargs)  # warm-up, and the count to report
-        reps = max(args.reps, min(20, 4096 // n))  # small sizes are noisy: more tries
-        seconds = best_of(lambda: check(hosts, **kwargs), reps)
-        base = best_of(lambda: baseline_pass(hosts), reps)
+        reps = args.reps or max(3, min(20, 4096 // n))  # small sizes are noisy: more tries
+        seconds, wall = best_of(lambda: check(hosts, **kwargs), reps)
+        base, _ = best_of(lambda: baseline_pass(hosts), reps)
         per_host[n] = seconds / n
-        print(f"{n:>6}  {seconds:>8.3f}  {seconds / n * 1e6:>8.1f}  {len(findings):>8}  {seconds / base:>10.0f}")
+        print(f"{n:>6}  {seconds:>8.3f}  {wall:>8.3f}  {seconds / n * 1e6:>8.1f}  {len(findings):>8}  "
+              f"{seconds / max(base, 1e-9):>10.0f}")
 
     ok = True
     if 4096 in per_host:
         total = per_host[4096] * 4096
         verdict = "ok" if total < TARGET_S else "TOO SLOW"
         ok &= total < TARGET_S
-        print(f"target: 4096 hosts in < {TARGET_S:g} s: {total:.3f} s ({verdict})")
+        print(f"target: 4096 hosts in < {TARGET_S:g} s: {total:.3f} s of CPU ({verdict})")
     sizes = sorted(per_host)
     for small, large in zip(sizes, sizes[1:]):
         growth = per_host[large] / per_host[small]

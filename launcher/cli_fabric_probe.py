@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from aitrain.launcher.fabric_args import add_output_arguments, add_source_arguments, collect_hosts, write_stdout
+
+if TYPE_CHECKING:
+    from aitrain.fabric.topology import HostTopology
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
@@ -22,6 +26,15 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     return parser
 
 
+def _host_json(topo: "HostTopology") -> dict:
+    """The topology, plus the GPU<->NIC distances derived from it (ignored on load)."""
+    from aitrain.fabric.topology import gpu_nic_distances
+
+    data = topo.to_dict()
+    data["gpu_nic_distances"] = [d.to_dict() for d in gpu_nic_distances(topo)]
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
     from aitrain.errors import AitrainError
     from aitrain.launcher.fabric_render import Style, render_topology, use_color
@@ -32,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         e.exit_code = 2
         raise
     if args.json:
-        write_stdout(json.dumps({"hosts": [h.to_dict() for h in hosts]}, indent=2) + "\n")
+        write_stdout(json.dumps({"hosts": [_host_json(h) for h in hosts]}, indent=2) + "\n")
         return 0
     style = Style(use_color(sys.stdout, args.color))
     write_stdout("\n\n".join(render_topology(h, style) for h in hosts) + "\n")

@@ -130,8 +130,6 @@ def _read_modules(sys: Root, proc: Root, info: HostInfo) -> None:
         except ValueError:
             kernel_ok = False
         info.dmabuf = kernel_ok and open_module
-    elif loaded is not None and "nvidia" not in loaded:
-        info.dmabuf = None
 
 
 def read_limits(proc: Root, info: HostInfo) -> None:

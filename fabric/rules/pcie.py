@@ -40,7 +40,7 @@ def link_degraded(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
                 f"PCIe link of {where} runs at {dev.current_speed_gts:g} GT/s; it can do "
                 f"{max_speed:g} GT/s"
                 + (" (GPUs drop link speed when idle, so this may be power saving)" if idle_gpu else ""),
-                (f"re-check under load (`nvidia-smi -q -d PCIE`); if it stays low, reseat the GPU"
+                ("re-check under load (`nvidia-smi -q -d PCIE`); if it stays low, reseat the GPU"
                  if idle_gpu else
                  f"check the slot generation in the BIOS, reseat the card and see "
                  f"`lspci -vv -s {dev.address}` (LnkSta vs LnkCap)"),
@@ -54,6 +54,8 @@ def acs_enabled(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
     metal is checked."""
     topo = view.topo
     if topo.host.bare_metal is not True or not topo.gpus:
+        return
+    if not any(p.acs_ctrl and p.acs_ctrl & ACS_P2P_REDIRECT for p in topo.pci_devices):
         return
     above: dict[str, list[str]] = {}
     for dev in topo.pci_devices:

@@ -4,8 +4,6 @@ Hypothesis fuzzes every parser over file contents and whole trees."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -67,7 +65,7 @@ multiline = st.lists(st.one_of(attr_text, st.sampled_from([
 ])), max_size=20).map("\n".join)
 
 
-@FAST
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=multiline)
 def test_multiline_parsers_never_raise(text):
     for parser in TOTAL_PARSERS:

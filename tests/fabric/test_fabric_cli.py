@@ -6,9 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "NO_COLOR")}
 
@@ -30,6 +27,17 @@ def test_probe_json_schema_of_a_captured_host(hosts_dir):
     assert (port["state"], port["link_layer"], port["rate_gbps"], port["active_mtu"]) == ("ACTIVE", "Ethernet", 100.0, 4096)
     gid = port["gids"][-1]
     assert set(gid) == {"index", "gid", "type", "netdev"} and gid["type"] == "RoCE v2" and gid["netdev"] == "ens1f0np0"
+
+
+def test_probe_json_has_gpu_nic_distances_and_loads_back(hosts_dir):
+    from aitrain.fabric.topology import loads_topologies
+
+    out = aitrain("fabric", "probe", "--sysfs-root", str(hosts_dir / "dgx01"), "--json")
+    (host,) = json.loads(out.stdout)["hosts"]
+    near = {(d["gpu"], d["nic"]) for d in host["gpu_nic_distances"] if d["distance"] == "same-switch"}
+    assert near == {(i, f"mlx5_{i}") for i in range(8)}
+    assert {d["distance"] for d in host["gpu_nic_distances"]} == {"same-switch", "same-numa-node", "cross-socket"}
+    assert loads_topologies(out.stdout)[0].hostname == "dgx01"
 
 
 def test_probe_json_of_this_host():

@@ -4,8 +4,6 @@ libibverbs built from a synthetic tree to prove sysfs and pyverbs agree."""
 from __future__ import annotations
 
 import types
-from pathlib import Path
-
 import pytest
 
 from aitrain.fabric import probe
@@ -22,7 +20,7 @@ from aitrain.fabric.probe.verbs import (
     rate_gbps,
     read_verbs_devices,
 )
-from aitrain.fabric.topology import HostTopology, RdmaDevice
+from aitrain.fabric.topology import RdmaDevice
 
 # --------------------------------------------------------------------------- real pyverbs
 
