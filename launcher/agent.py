@@ -45,6 +45,7 @@ class AgentRequest:
     start_method: str = "spawn"
     shutdown_timeout: int = 5
     rdzv_timeout: int = 300
+    resources: dict[str, Any] = field(default_factory=dict)  # NodePlan: binding, cgroup, profiler (resources.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,6 +77,11 @@ def run_agent(req: AgentRequest) -> AgentResult:
     # Ranks inherit the agent's environment; the agent adds the torch.distributed vars.
     os.environ.update(req.env)
     Path(req.log_dir).mkdir(parents=True, exist_ok=True)
+    from aitrain.launcher.resources import NodeResources
+
+    # The job's cgroup exists before the first rank starts; ranks get their part of the plan in the env.
+    node = NodeResources.start(req.resources, nproc=req.nproc_per_node, node_rank=req.node_rank)
+    os.environ.update(node.rank_env())
     config = LaunchConfig(
         min_nodes=req.nnodes,
         max_nodes=req.nnodes,
@@ -95,7 +101,7 @@ def run_agent(req: AgentRequest) -> AgentResult:
     try:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
-        return AgentResult(False, 1, describe_failures(e, Path(req.log_dir)),
+        return AgentResult(False, 1, describe_failures(e, Path(req.log_dir), *node.oom_ranks(e.failures)),
                            f"each rank's full output is under {req.log_dir}", _first_failure_time(e))
     except SignalException as e:
         sig = signal.Signals(e.sigval)
@@ -103,6 +109,8 @@ def run_agent(req: AgentRequest) -> AgentResult:
     except Exception as e:  # rendezvous or agent failure
         return AgentResult(False, 1, f"the elastic agent failed: {type(e).__name__}: {e}",
                            f"see the rank logs under {req.log_dir}")
+    finally:
+        node.stop()  # kills and removes the job's cgroup: nothing of the job survives it
     return AgentResult(True)
 
 
@@ -111,13 +119,15 @@ def _first_failure_time(err: object) -> float:
     return time.time()
 
 
-def describe_failures(err: object, log_dir: Path) -> str:
+def describe_failures(err: object, log_dir: Path, oom_ranks: set[int] | None = None, oom_reason: str = "") -> str:
     failures = getattr(err, "failures", {}) or {}
     lines = []
     for rank in sorted(failures):
         f = failures[rank]
         exitcode = getattr(f, "exitcode", None)
-        if exitcode is not None and exitcode < 0:
+        if oom_ranks and rank in oom_ranks:
+            how = f"was killed by the kernel OOM killer: {oom_reason}"
+        elif exitcode is not None and exitcode < 0:
             try:
                 how = f"was killed by {signal.Signals(-exitcode).name}"
             except ValueError:
@@ -126,6 +136,8 @@ def describe_failures(err: object, log_dir: Path) -> str:
             how = f"exited with code {exitcode}"
         lines.append(f"rank {rank} (pid {getattr(f, 'pid', '?')}) {how}")
     msg = "the job failed: " + "; ".join(lines)
+    if oom_reason and not oom_ranks:
+        msg += f" ({oom_reason})"
     try:
         root_rank, first = err.get_first_failure()  # type: ignore[attr-defined]
     except Exception:

@@ -133,6 +133,9 @@ def launch(cfg: Any) -> int:
     if job.script and not Path(job.script).is_file():
         raise AitrainError(f"script={job.script} does not exist (looked in {Path.cwd()})",
                            "give a path to a torchrun-compatible Python script")
+    from aitrain.launcher.resources import ResourceRequest
+
+    resources = ResourceRequest.from_config(job)
 
     run_dir = Path(job.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +151,7 @@ def launch(cfg: Any) -> int:
         nnodes=job.nnodes,
         nproc_per_node=job.nproc_per_node,
         config=job,
+        resources=resources,
         overrides=_task_overrides(),
     )
     spec.env.update(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain.launcher.config import JobConfig
+from aitrain.launcher.resources import ResourceRequest
 
 
 @dataclass
@@ -25,9 +26,11 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)  # extra env for every rank
     env_reasons: dict[str, str] = field(default_factory=dict)  # why each env value was set
     config: JobConfig | None = None
+    resources: ResourceRequest = field(default_factory=ResourceRequest)  # binding, cgroup, profiler
     overrides: list[str] = field(default_factory=list)  # the user's Hydra overrides (for re-launch in a batch job)
     findings: list[Any] = field(default_factory=list)  # preflight findings (fabric and host)
     topology: dict[str, Any] = field(default_factory=dict)  # this host's probed topology (local jobs)
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags from the backend (e.g. slurm.restart_count)
 
     @property
     def world_size(self) -> int:
@@ -43,7 +46,8 @@ class JobSpec:
 
 
 def needs_trampoline(cfg: JobConfig) -> bool:
-    return bool(cfg.script)
+    # The trampoline also applies per-rank binding, the cgroup and the profiler.
+    return bool(cfg.script) or cfg.binding != "none" or cfg.resources.cgroup or cfg.profile != "none"
 
 
 def rank_program(cfg: JobConfig, config_file: Path) -> list[str]:

@@ -6,6 +6,11 @@ process group on teardown. If the launcher itself is SIGKILLed (OOM killer,
 this trampoline, which asks the kernel to SIGKILL it when its parent dies
 (PR_SET_PDEATHSIG survives exec) and then execs the real program.
 
+With ``binding``, ``resources.cgroup`` or ``profile`` set, it first applies the
+rank's part of the node's plan (``AITRAIN_RANK_PLAN``, see ``resources.py``):
+joins the job's cgroup, sets its CPU affinity and ``OMP_NUM_THREADS``, and runs
+the program under ``perf stat``/``py-spy`` (``profiling.py``).
+
     python -m aitrain.launcher.supervise -- <program> [args...]
 """
 
@@ -50,6 +55,19 @@ def main() -> None:
     set_parent_death_signal()
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(1)
+    if "AITRAIN_RANK_PLAN" in os.environ:  # binding, cgroup, profiler: see launcher/resources.py
+        from aitrain.launcher.resources import apply_rank_plan
+
+        try:
+            profile = apply_rank_plan()
+        except OSError as e:
+            print(f"aitrain: rank {os.environ.get('RANK', '?')}: cannot apply its resource plan: {e}",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
+        if profile is not None:
+            from aitrain.launcher.profiling import run_profiled
+
+            run_profiled(args, profile, int(os.environ.get("RANK", "0")))
     os.execvp(args[0], args)
 
 

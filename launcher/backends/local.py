@@ -19,6 +19,7 @@ from aitrain.errors import BackendError, JobFailedError
 from aitrain.launcher.agent import AgentRequest
 from aitrain.launcher.agent import take as take_agent
 from aitrain.launcher.job import JobSpec
+from aitrain.launcher.resources import NodePlan, format_cpus, plan_node
 from aitrain.launcher.supervise import trampoline_argv
 
 TORCH_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -38,6 +39,7 @@ class LocalRequest:
     master_addr: str
     master_port: int
     rank_env: list[dict[str, str]] = field(default_factory=list)
+    node: NodePlan | None = None  # CPU binding, cgroup and profiler of this node (launcher/resources.py)
 
     def __str__(self) -> str:
         lines = [
@@ -46,12 +48,24 @@ class LocalRequest:
             f"ranks:   {self.spec.world_size} ({self.spec.nnodes} node x {self.spec.nproc_per_node} per node)",
             f"command: {shlex.join(self.spec.argv)}",
         ]
-        for env in self.rank_env:
+        cpu_sets = self.node.cpu_sets if self.node else []
+        lines += self.node.describe() if self.node else []
+        for i, env in enumerate(self.rank_env):
             lines.append(f"rank {env['RANK']}:")
+            if i < len(cpu_sets):
+                lines.append(f"    cpus: {format_cpus(cpu_sets[i])}    # binding={self.node.binding}")  # type: ignore[union-attr]
             for k in sorted(env):
                 reason = self.spec.env_reasons.get(k)
+                if k == "OMP_NUM_THREADS" and self.node and self.node.omp_threads:
+                    reason = "one thread per CPU of the rank's set"
                 lines.append(f"    {k}={env[k]}" + (f"    # {reason}" if reason else ""))
         return "\n".join(lines)
+
+
+def _user_omp(spec: JobSpec) -> str | None:
+    """OMP_NUM_THREADS as the user set it (fabric.env or the shell), which binding keeps."""
+    user_env = spec.config.fabric.env if spec.config is not None else {}
+    return user_env.get("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS"))
 
 
 class LocalBackend:
@@ -78,6 +92,9 @@ class LocalBackend:
         addr = "127.0.0.1"
         port = free_port(addr)
         req = LocalRequest(spec=spec, master_addr=addr, master_port=port)
+        if spec.resources.active:
+            req.node = plan_node(spec.resources, nproc=spec.nproc_per_node, run_dir=spec.run_dir,
+                                 metrics_file=spec.metrics_file, user_omp=_user_omp(spec))
         for local_rank in range(spec.nproc_per_node):
             env = dict(spec.env)
             env.update(
@@ -88,6 +105,8 @@ class LocalBackend:
                 MASTER_ADDR=addr,
                 MASTER_PORT=str(port),
             )
+            if req.node and req.node.omp_threads:  # set by the rank's trampoline
+                env["OMP_NUM_THREADS"] = str(req.node.omp_threads[local_rank])
             req.rank_env.append(env)
         return req
 
@@ -110,6 +129,7 @@ class LocalBackend:
             monitor_interval=self.monitor_interval,
             start_method=self.start_method,
             shutdown_timeout=self.shutdown_timeout,
+            resources=req.node.to_dict() if req.node else {},
         )
         result = self.agent_factory().run(agent_req)
         if not result.ok:
