@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, aitrain_argv, run_aitrain
 
-from aitrain.launcher.resources import CgroupUnavailable, find_cgroups
+from aitrain.launcher.resources import CgroupUnavailable, JobCgroup, find_cgroups
 
 PROBE = REPO / "tests" / "resources" / "scripts" / "rank_probe.py"
 LEAN = ["tracking=none", "fabric=off", f"script={PROBE}"]
@@ -53,14 +53,16 @@ def _run_dir(stdout: str) -> Path:
 
 
 def _memory_cgroups_or_skip() -> None:
+    """Skip unless this process can create a cgroup with a memory limit (tried, then removed)."""
     if os.geteuid() != 0:
         pytest.skip("creating cgroups needs root")
     try:
-        layout = find_cgroups()
+        group = JobCgroup.create(f"aitrain/test-probe-{os.getpid()}", memory_max=256 << 20)
     except CgroupUnavailable as e:
         pytest.skip(str(e))
-    if layout.version == 2 and "memory" not in (layout.parents["unified"] / "cgroup.controllers").read_text():
-        pytest.skip("the cgroup v2 hierarchy has no memory controller")
+    group.remove()
+    if not group.memory_limited:
+        pytest.skip(f"no memory limit possible here: {'; '.join(group.notes)}")
 
 
 needs_two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding two ranks needs two CPUs")
@@ -209,7 +211,7 @@ def test_perf_counters_reach_mlflow(tmp_path: Path) -> None:
     run_dir = _run_dir(r.stdout)
     report = json.loads((run_dir / "profile/perf.json").read_text())
     assert set(report["ranks"]) == {"0", "1"}
-    assert report["ranks"]["0"]["task-clock"] > 500  # ms: the rank spun for a second
+    assert report["ranks"]["0"]["task-clock"] >= 450  # ms: the rank spun for 0.5 s of CPU time
     if counts_instructions:
         assert report["ranks"]["0"]["instructions"] > 0
     else:
@@ -239,6 +241,10 @@ def test_pyspy_flame_graph_per_rank_and_the_failing_rank_is_reported(tmp_path: P
     assert r.returncode != 0
     assert "rank 1 (pid" in r.stderr and "exited with code 3" in r.stderr, r.stderr
     run_dir = _run_dir(r.stdout)
+    log = run_dir / "profile/pyspy-rank0.log"
+    if not (run_dir / "profile/flame-rank0.svg").exists() and log.exists() and \
+            any(w in log.read_text() for w in ("ermission denied", "not permitted")):
+        pytest.skip(f"py-spy may not attach to processes here (ptrace): {log.read_text()[-300:]}")
     for rank in (0, 1):
         svg = (run_dir / f"profile/flame-rank{rank}.svg").read_text()
         assert svg.startswith("<?xml") and "<svg" in svg and "rank_probe.py" in svg
