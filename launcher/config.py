@@ -122,6 +122,13 @@ class FabricConfig:
     expected_rate_gbps: Optional[float] = None  # RDMA ports slower than this are findings
     nccl_version: Optional[str] = None  # NCCL version when torch has none (e.g. 2.21.5)
     env: dict[str, str] = field(default_factory=dict)  # extra env; always wins over tuning
+    ib_tc: Optional[int] = None  # NCCL_IB_TC: the traffic class your fabric's QoS expects (None: NCCL's default)
+    ib_sl: Optional[int] = None  # NCCL_IB_SL: the InfiniBand service level (None: NCCL's default)
+    collective_timeout_s: float = 600.0  # process-group timeout; NCCL_IB_TIMEOUT/RETRY_CNT are fitted inside it
+    profile: str = "auto"  # auto: a stored `fabric tune --search` winner matching the cluster | none | a profile file
+    smoke: bool = True  # run a short all_reduce with the tuned env before a multi-node launch
+    smoke_timeout_s: float = 30.0  # seconds the smoke all_reduce (and each bisection round) may take
+    exclude_bad_nodes: bool = False  # launch without the nodes a failed smoke test names (else stop)
 
 
 @dataclass
