@@ -20,13 +20,15 @@ marker and ``latest()`` skips it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,15 @@ def _state_dicts(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -
     return state
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load without a process group that it assumes one process; it is."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -136,7 +147,8 @@ def save(root: str | os.PathLike[str], step: int, model: nn.Module,
             (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path)
     _barrier()
-    dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.save(_state_dicts(model, optimizer), checkpoint_id=str(path), no_dist=not dist.is_initialized())
     # dcp.save returns on every rank only after the coordinator wrote .metadata.
     _barrier()
     if _rank() == 0:
@@ -185,7 +197,8 @@ def load(path: str | os.PathLike[str], model: nn.Module,
                           "resume from a checkpoint whose save finished (resume=auto picks the latest one)")
     info = read_info(path)
     state = _state_dicts(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     opts = StateDictOptions(flatten_optimizer_state_dict=True)
     set_model_state_dict(model, state["model"], options=opts)
     if optimizer is not None:
