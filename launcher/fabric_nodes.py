@@ -1,0 +1,322 @@
+"""Running a rank program on a set of nodes: one node agent per node.
+
+A :class:`Node` is a name, the address its peers reach it at, the argv prefix that
+runs a command on it (``nsenter --net=/var/run/netns/X`` for a test-rig namespace;
+``srun -w host`` or ``ssh host`` elsewhere; nothing for this host) and the env its
+ranks get (the tuned env). :func:`run_on_nodes` starts
+``python -m aitrain.launcher.agent REQ.json`` on every node with a static rendezvous
+at the first node, waits, and stops every node of the group as soon as one fails or
+the deadline passes. :class:`SmokeRunner` runs disjoint groups concurrently for the
+bisection in :mod:`aitrain.fabric.smoke`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from aitrain.errors import FabricError
+from aitrain.fabric.topology import HostTopology
+from aitrain.launcher.agent import AgentRequest, AgentResult
+from aitrain.launcher.supervise import set_parent_death_signal
+
+if TYPE_CHECKING:
+    import argparse
+
+    from aitrain.fabric.tune import TunedEnv
+
+NETNS_DIR = "/var/run/netns"
+
+
+@dataclass
+class Node:
+    name: str
+    address: str | None = None
+    """Where the other nodes reach this one (used when it is the group's first node)."""
+    prefix: list[str] = field(default_factory=list)
+    """argv prefix that runs a command on the node (empty: this host)."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def netns_node(namespace: str, address: str | None = None, env: dict[str, str] | None = None) -> Node:
+    """A test-rig host: a network namespace entered with ``nsenter --net``."""
+    path = f"{NETNS_DIR}/{namespace}"
+    if not os.path.exists(path):
+        raise FabricError(f"network namespace {namespace} does not exist ({path})",
+                          "create it first, e.g. `python scripts/netns_rig.py up --hosts 2`")
+    return Node(name=namespace, address=address, prefix=["nsenter", f"--net={path}"], env=dict(env or {}))
+
+
+_PROBE_CODE = (
+    "import json,sys\n"
+    "from aitrain.fabric import probe\n"
+    "t=probe(rendezvous=sys.argv[2] or None, hostname=sys.argv[1] or None)\n"
+    "print(json.dumps(t.to_dict()))\n"
+)
+
+
+def probe_node(node: Node, rendezvous: str | None = None, timeout: float = 120.0,
+               hostname: str | None = None) -> HostTopology:
+    """Probe a node by running the probe there; the host is named after the node
+    unless ``hostname`` says otherwise (rig namespaces share one hostname)."""
+    argv = [*node.prefix, sys.executable, "-c", _PROBE_CODE, hostname or node.name, rendezvous or ""]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise FabricError(f"probing {node.name} failed: {e}", "check that the node is reachable") from e
+    if out.returncode != 0:
+        raise FabricError(f"probing {node.name} failed (exit {out.returncode}): {out.stderr.strip()[-500:]}",
+                          "run `aitrain fabric probe` on the node to see the error")
+    return HostTopology.from_dict(json.loads(out.stdout))
+
+
+@dataclass
+class NodesRun:
+    """The outcome of one rank program over one group of nodes."""
+
+    nodes: list[str]
+    ok: bool = False
+    timed_out: bool = False
+    elapsed_s: float = 0.0
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    results: dict[str, AgentResult | None] = field(default_factory=dict)
+    run_dir: str = ""
+
+    def failure(self) -> str:
+        if self.ok:
+            return ""
+        if self.timed_out:
+            return f"timed out after {self.elapsed_s:.0f}s on {', '.join(self.nodes)}"
+        # Root causes first: nodes that failed on their own, not the ones stopped after them.
+        stopped = ("interrupted by", "exited with code -15", "exit 143")
+        msgs = []
+        for name, r in self.results.items():
+            if r is not None and r.ok:
+                continue
+            text = r.message if r is not None and r.message else f"exit {self.exit_codes.get(name)}"
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            msgs.append((any(s in text for s in stopped), f"{name}: {lines[-1] if lines else text}"))
+        own = [m for was_stopped, m in msgs if not was_stopped]
+        return "; ".join(own or [m for _, m in msgs]) or "failed"
+
+
+class _Started:
+    def __init__(self, nodes: list[Node], procs: list[subprocess.Popen[bytes]], reqs: list[AgentRequest],
+                 deadline: float, run_dir: Path) -> None:
+        self.nodes, self.procs, self.reqs, self.deadline, self.run_dir = nodes, procs, reqs, deadline, run_dir
+        self.t0 = time.monotonic()
+
+
+def _free_port() -> int:
+    # Each namespace has its own port space; a random high port is free in practice.
+    return random.randint(20000, 45000)
+
+
+def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeout: float,
+           run_dir: Path, master_port: int | None, env: dict[str, str] | None) -> _Started:
+    if not nodes:
+        raise FabricError("no nodes to run on", "pass at least one node")
+    master = nodes[0].address or "127.0.0.1"
+    port = master_port or _free_port()
+    run_id = f"aitrain-{uuid.uuid4().hex[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    procs, reqs = [], []
+    for i, node in enumerate(nodes):
+        node_dir = run_dir / node.name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        node_env = {**(env or {}), **node.env, "AITRAIN_NODE_NAME": node.name}
+        req = AgentRequest(
+            run_id=run_id, argv=argv, nproc_per_node=nproc_per_node, master_addr=master,
+            master_port=port, log_dir=str(node_dir / "logs"), result_file=str(node_dir / "result.json"),
+            env=node_env, nnodes=len(nodes), node_rank=i, rdzv_timeout=max(10, int(timeout)),
+            shutdown_timeout=2,
+        )
+        req_file = node_dir / "request.json"
+        req_file.write_text(req.to_json())
+        with open(node_dir / "agent.log", "wb") as log:
+            procs.append(subprocess.Popen(
+                [*node.prefix, sys.executable, "-m", "aitrain.launcher.agent", str(req_file)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=set_parent_death_signal,
+            ))
+        reqs.append(req)
+    return _Started(list(nodes), procs, reqs, time.monotonic() + timeout, run_dir)
+
+
+def _stop(started: _Started, grace: float = 4.0) -> None:
+    for p in started.procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    end = time.monotonic() + grace
+    for p in started.procs:
+        try:
+            p.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def _finish(started: _Started, timed_out: bool) -> NodesRun:
+    run = NodesRun(nodes=[n.name for n in started.nodes], timed_out=timed_out,
+                   elapsed_s=time.monotonic() - started.t0, run_dir=str(started.run_dir))
+    for node, proc, req in zip(started.nodes, started.procs, started.reqs):
+        run.exit_codes[node.name] = proc.returncode
+        run.results[node.name] = AgentResult.read(Path(req.result_file))
+    run.ok = not timed_out and all(c == 0 for c in run.exit_codes.values())
+    return run
+
+
+def wait_all(groups: list[_Started], poll: float = 0.05) -> list[NodesRun]:
+    """Wait for every group; a group is stopped at its first failure or its deadline."""
+    done: dict[int, NodesRun] = {}
+    while len(done) < len(groups):
+        for i, g in enumerate(groups):
+            if i in done:
+                continue
+            codes = [p.poll() for p in g.procs]
+            failed = any(c not in (None, 0) for c in codes)
+            expired = time.monotonic() > g.deadline
+            if all(c is not None for c in codes) or failed or expired:
+                timed_out = expired and not failed and any(c is None for c in codes)
+                _stop(g)
+                done[i] = _finish(g, timed_out)
+        if len(done) < len(groups):
+            time.sleep(poll)
+    return [done[i] for i in range(len(groups))]
+
+
+def run_on_nodes(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int = 1, timeout: float = 120.0,
+                 run_dir: str | os.PathLike[str], master_port: int | None = None,
+                 env: dict[str, str] | None = None) -> NodesRun:
+    """Run ``argv`` as a torchrun-style job over ``nodes`` (rendezvous at the first)."""
+    started = _start(nodes, argv, nproc_per_node=nproc_per_node, timeout=timeout, run_dir=Path(run_dir),
+                     master_port=master_port, env=env)
+    try:
+        return wait_all([started])[0]
+    except BaseException:
+        _stop(started)
+        raise
+
+
+def run_groups(groups: Sequence[Sequence[Node]], argv: list[str], *, nproc_per_node: int = 1,
+               timeout: float = 120.0, run_dir: str | os.PathLike[str],
+               env: dict[str, str] | None = None) -> list[NodesRun]:
+    """Run ``argv`` over several disjoint groups at once, one job per group."""
+    started: list[_Started] = []
+    try:
+        for i, group in enumerate(groups):
+            started.append(_start(group, argv, nproc_per_node=nproc_per_node, timeout=timeout,
+                                  run_dir=Path(run_dir) / f"group{i}", master_port=None, env=env))
+        return wait_all(started)
+    except BaseException:
+        for s in started:
+            _stop(s)
+        raise
+
+
+def smoke_argv(timeout: float) -> list[str]:
+    return [sys.executable, "-u", "-m", "aitrain.fabric.bench_rank", "--mode", "smoke",
+            "--timeout", f"{timeout:g}"]
+
+
+@dataclass
+class SmokeRunner:
+    """``run_groups`` for :func:`aitrain.fabric.smoke.find_bad_nodes` over real nodes."""
+
+    nodes: dict[str, Node]
+    run_dir: Path
+    timeout: float = 30.0
+    nproc_per_node: int = 1
+    runs: list[NodesRun] = field(default_factory=list)
+    rounds: int = 0
+
+    def __call__(self, groups: list[list[str]]) -> list[bool]:
+        self.rounds += 1
+        round_dir = self.run_dir / f"round{self.rounds}"
+        runs = run_groups([[self.nodes[n] for n in g] for g in groups], smoke_argv(self.timeout),
+                          nproc_per_node=self.nproc_per_node, timeout=self.timeout + 15, run_dir=round_dir)
+        self.runs.extend(runs)
+        return [r.ok for r in runs]
+
+
+def smoke_test(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeout: float = 30.0,
+               nproc_per_node: int = 1, bisect: bool = True):  # -> tuple[NodesRun, BisectResult | None]
+    """The pre-launch smoke all_reduce over ``nodes``; on failure, bisect to the bad
+    node(s). Returns (the full run, the bisection or None when the smoke passed)."""
+    from aitrain.fabric.smoke import find_bad_nodes
+
+    run_dir = Path(run_dir)
+    full = run_on_nodes(nodes, smoke_argv(timeout), nproc_per_node=nproc_per_node, timeout=timeout + 15,
+                        run_dir=run_dir / "smoke-all")
+    if full.ok or not bisect or len(nodes) < 2:
+        return full, None
+    runner = SmokeRunner({n.name: n for n in nodes}, run_dir / "bisect", timeout, nproc_per_node)
+    return full, find_bad_nodes([n.name for n in nodes], runner, initial_passed=False)
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def add_node_arguments(parser: "argparse.ArgumentParser") -> None:
+    g = parser.add_argument_group("nodes to run on (default: this host)")
+    g.add_argument("--netns", action="append", default=[], metavar="NS",
+                   help="a host of the test rig: a network namespace under /var/run/netns entered "
+                        "with nsenter --net (repeat, node 0 first)")
+    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="ranks per node (default: 2 on this host, 1 per --netns node)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds one run of the rank program may take (default 120)")
+
+
+def parse_env_pairs(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise FabricError(f"--env {pair!r} is not NAME=value", "e.g. --env NCCL_IB_TC=106")
+        out[key] = value
+    return out
+
+
+def nodes_from_args(args: "argparse.Namespace") -> list[Node]:
+    """The nodes ``--netns`` names, or this host."""
+    import socket
+
+    if args.netns:
+        return [netns_node(ns) for ns in args.netns]
+    return [Node(name=socket.gethostname(), address="127.0.0.1")]
+
+
+def probe_nodes(nodes: Sequence[Node], rendezvous: str | None = None) -> list[HostTopology]:
+    """Probe every node (in its own namespace / host); this host directly."""
+    if len(nodes) == 1 and not nodes[0].prefix:
+        from aitrain.fabric.probe import probe
+
+        return [probe(rendezvous=rendezvous)]
+    return [probe_node(n, rendezvous) for n in nodes]
+
+
+def apply_tuned(nodes: Sequence[Node], tuned: dict[str, "TunedEnv"], hosts: Sequence[HostTopology]) -> None:
+    """Give each node its tuned env, and its address on the chosen interface."""
+    for node, host in zip(nodes, hosts):
+        t = tuned.get(host.hostname)
+        if t is None:
+            continue
+        node.env = dict(t.env)
+        if node.prefix and t.address:
+            node.address = t.address
