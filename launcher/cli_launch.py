@@ -164,6 +164,10 @@ def launch(cfg: Any) -> int:
         spec.env[k] = str(v)
         spec.env_reasons[k] = "user-set (fabric.env)"
 
+    if spec.metrics_file.exists():
+        # An earlier attempt in the same run dir (a requeued Slurm job): keep its metrics
+        # apart, so this attempt's MLflow run gets only its own steps.
+        spec.metrics_file.rename(spec.metrics_file.with_name(f"metrics-{int(time.time())}.jsonl"))
     backend = get_backend(job.backend)
     if backend.name == "local":
         # Multi-node backends probe, check and tune every node of the job themselves.
@@ -188,20 +192,25 @@ def launch(cfg: Any) -> int:
               flush=True)
         return 0
 
-    tracker = _start_tracker(job, run_dir, resolved, config_file)
+    tracker = _start_tracker(job, run_dir, resolved, config_file, spec)
     print(f"aitrain: {world} rank(s), strategy {job.strategy.name}, backend {backend.name}; "
           f"run dir {run_dir}", flush=True)
     status = "FAILED"
     t0 = time.monotonic()
     try:
         backend.run(request)
-        status = "FINISHED"
+        # A job stopped to be requeued (preemption, time limit) was killed, not finished.
+        status = "KILLED" if getattr(backend, "requeue_pending", False) else "FINISHED"
     except JobFailedError as e:
         status = "KILLED" if e.exit_code >= 128 else "FAILED"
         raise
     finally:
         if tracker is not None:
             tracker.finish(status)
+    if getattr(backend, "requeue_pending", False):
+        # Only now: requeueing ends this process, and the MLflow record must be complete first.
+        backend.requeue()
+        return 0
     print(f"aitrain: job finished in {time.monotonic() - t0:.1f}s; run dir {run_dir}"
           + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker and tracker.run_id else ""),
           flush=True)
@@ -268,7 +277,8 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], config_file: Path) -> Any:
+def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], config_file: Path,
+                   spec: Any = None) -> Any:
     if not job.tracking.enabled:
         return None
     from aitrain.launcher.tracking import Tracker, flatten, resolve_tracking_uri
@@ -284,6 +294,8 @@ def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], conf
         "aitrain.run_dir": str(run_dir),
         "aitrain.command": " ".join(["aitrain", "launch", *sys.argv[1:]]),
     }
+    if spec is not None:
+        tags.update(spec.tags)  # backend facts, e.g. slurm.job_id, slurm.restart_count, nodes
     tracker = Tracker(
         uri=resolve_tracking_uri(job.tracking.uri, Path(job.run_root)),
         experiment=job.tracking.experiment,

@@ -266,6 +266,8 @@ class SlurmBackend:
             raise ConfigError(f"unknown Slurm backend options: {', '.join(sorted(unknown))}",
                               f"valid: {', '.join(sorted(valid))}")
         self.opts = SlurmBackendConfig(**options)
+        self.requeue_pending = False  # set by run() when the ranks stopped on the preemption signal
+        self._slurm: SlurmEnvironment | None = None
 
     # The launch asks: does dryrun's result get submitted, or run here?
     def in_allocation(self) -> bool:
@@ -392,6 +394,12 @@ class SlurmBackend:
                               f"({', '.join(slurm.nodes)})",
                               f"set nnodes={slurm.nnodes} or leave it out inside the allocation")
         spec.nnodes = slurm.nnodes
+        # Ranks checkpoint and stop on Slurm's pre-time-limit signal (launcher/preemption.py).
+        spec.env["AITRAIN_PREEMPT_SIGNAL"] = self.opts.signal
+        spec.env_reasons["AITRAIN_PREEMPT_SIGNAL"] = (f"Slurm sends SIG{self.opts.signal} {self.opts.signal_lead_s}s "
+                                                      "before the time limit: checkpoint, stop, requeue")
+        spec.tags.update({"slurm.job_id": slurm.job_id, "slurm.restart_count": str(slurm.restart_count),
+                          "slurm.cluster": slurm.cluster, "nodes": ",".join(slurm.nodes)})
         srun = self._srun(slurm) + [self.python, "-m", "aitrain.launcher.agent", "--slurm",
                                     str(spec.run_dir / "agents.json")]
         req = AllocationRequest(spec, slurm, srun)
@@ -444,7 +452,10 @@ class SlurmBackend:
         proc = subprocess.run(req.srun, env={**self.environ, **{"SLURM_KILL_BAD_EXIT": "1"}})
         failures = node_failures(spec.run_dir)
         if marker.exists():
-            return self._requeue(slurm)
+            self._check_requeue_allowed(slurm)
+            self.requeue_pending = True  # the launch calls requeue() once tracking is finished
+            self._slurm = slurm
+            return 0
         if proc.returncode != 0 or failures:
             detail = "\n".join(f"node {f['node']}: {f['message']}" for f in failures) or \
                 f"srun exited with code {proc.returncode}"
@@ -470,16 +481,20 @@ class SlurmBackend:
             {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in result.findings]},
             indent=1))
 
-    def _requeue(self, slurm: SlurmEnvironment) -> int:
+    def _check_requeue_allowed(self, slurm: SlurmEnvironment) -> None:
         if slurm.restart_count >= self.opts.max_requeues:
             raise JobFailedError(
                 f"preempted after {slurm.restart_count} requeue(s); backend.max_requeues="
                 f"{self.opts.max_requeues} reached, not requeueing again",
                 "raise backend.max_requeues or backend.time; the latest checkpoint is kept (resume=auto)")
-        print(f"aitrain: checkpoint saved on {self.opts.signal}; requeueing job {slurm.job_id} "
+
+    def requeue(self) -> None:
+        """Put this job back in the queue (ends this batch script); the next attempt resumes."""
+        slurm = self._slurm
+        print(f"aitrain: checkpoint saved on SIG{self.opts.signal}; requeueing job {slurm.job_id} "
               f"(restart {slurm.restart_count + 1} of at most {self.opts.max_requeues})", flush=True)
         self.runner(["scontrol", "requeue", slurm.job_id])
-        return 0
+        time.sleep(60)  # scontrol requeue terminates this script; don't report success before it does
 
     def probe_nodes(self, spec: JobSpec, slurm: SlurmEnvironment) -> dict[str, dict[str, Any]]:
         """`aitrain fabric probe --json` on every node (one srun task per node) -> {node: host dict}."""

@@ -162,3 +162,43 @@ def test_override_with_shell_metacharacters_arrives_unchanged(tmp_path: Path, en
     assert not Path("/tmp/aitrain-slurm-pwned").exists()
     script = Path(st["run_dir"]) / "aitrain.sbatch"
     assert oct(script.stat().st_mode & 0o077) == "0o0"
+
+
+def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, str]) -> None:
+    handle = submit(["train.steps=400", "train.log_every=1", *TINY], tmp_path, env)
+    jobid = handle.rsplit("/", 1)[1]
+    deadline = time.monotonic() + 120
+    logs = ""
+    while time.monotonic() < deadline and "step 20/" not in logs:
+        time.sleep(1)
+        logs = aitrain(["logs", handle], tmp_path, env).stdout
+    assert "step 20/" in logs, logs[-2000:]
+    # What Slurm does before the time limit (--signal=USR1@120): signal every job step.
+    subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
+    st = wait_done(handle, tmp_path, env, timeout=400)
+    out = job_output(st)
+    assert st["state"] == "COMPLETED", out[-3000:]
+    assert st["restarts"] == 1
+    assert "stopping at step" in out and "requeueing job" in out
+    stopped = int(out.split("stopping at step ")[1].split()[0])
+    assert f"resumed from" in out and f"(step {stopped}," in out
+    runs, client = mlflow_runs(tmp_path)
+    by_restart = {r.data.tags.get("slurm.restart_count"): r for r in runs}
+    assert set(by_restart) == {"0", "1"}
+    # The loss curve continues where it stopped: the second attempt starts at the next step.
+    second = client.get_metric_history(by_restart["1"].info.run_id, "loss")
+    assert min(m.step for m in second) == stopped + 1 and max(m.step for m in second) == 400
+
+
+def test_max_requeues_stops_requeueing(tmp_path: Path, env: dict[str, str]) -> None:
+    handle = submit(["train.steps=400", "train.log_every=1", "backend.max_requeues=0", *TINY], tmp_path, env)
+    jobid = handle.rsplit("/", 1)[1]
+    deadline = time.monotonic() + 120
+    logs = ""
+    while time.monotonic() < deadline and "step 10/" not in logs:
+        time.sleep(1)
+        logs = aitrain(["logs", handle], tmp_path, env).stdout
+    subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
+    st = wait_done(handle, tmp_path, env, timeout=200)
+    assert st["state"] == "FAILED" and st["restarts"] == 0
+    assert "max_requeues=0 reached" in job_output(st)
