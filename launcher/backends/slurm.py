@@ -410,6 +410,16 @@ class SlurmBackend:
 
     def _agent_requests(self, spec: JobSpec, slurm: SlurmEnvironment, *, rendezvous: str, port: int,
                         node_env: dict[str, dict[str, str]]) -> list[AgentRequest]:
+        from aitrain.launcher.resources import plan_node
+        from aitrain.launcher.supervise import trampoline_argv
+
+        resources: dict[str, Any] = {}
+        if spec.resources.active:
+            plan = plan_node(spec.resources, nproc=spec.nproc_per_node, run_dir=spec.run_dir,
+                             metrics_file=spec.metrics_file)
+            plan.cpu_sets = []  # each node's agent works out its own from its own CPUs
+            resources = plan.to_dict()
+        argv = trampoline_argv(spec.argv) if spec.needs_trampoline else spec.argv
         reqs = []
         for i, node in enumerate(slurm.nodes):
             env = dict(spec.env)
@@ -417,7 +427,7 @@ class SlurmBackend:
             env["AITRAIN_NODE"] = node
             reqs.append(AgentRequest(
                 run_id=f"{spec.name}-{slurm.job_id}-{slurm.restart_count}",
-                argv=spec.argv,
+                argv=argv,
                 nproc_per_node=spec.nproc_per_node,
                 master_addr=rendezvous,
                 master_port=port,
@@ -426,6 +436,7 @@ class SlurmBackend:
                 env=env,
                 nnodes=slurm.nnodes,
                 node_rank=i,
+                resources=resources,
             ))
         return reqs
 
