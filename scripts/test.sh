@@ -13,7 +13,7 @@ echo "== installing aitrain and test extras into $VENV"
   | grep -v "is ignored: it is neither a file nor a directory" || true
 
 # System packages the real-thing tests use. Only as root on Debian; otherwise those tests skip.
-DEB_PACKAGES="python3-pyverbs iproute2 linux-perf"
+DEB_PACKAGES="python3-pyverbs iproute2 linux-perf slurm-wlm munge"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
