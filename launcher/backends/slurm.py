@@ -516,7 +516,7 @@ class SlurmBackend:
         # %n is the node's index in the step (0..N-1): unlike %N (the hostname) it is unique
         # even where every node has the same hostname.
         cmd = self._srun(slurm, [f"--output={out_dir}/%n.json", "--error=" + str(out_dir / "%n.err")]) + [
-            self.python, "-m", "aitrain.launcher.cli", "fabric", "probe", "--json"]
+            self.python, "-m", "aitrain.launcher.cli", "fabric", "probe", "--json", "--cache"]
         r = subprocess.run(cmd, env=dict(self.environ), capture_output=True, text=True, timeout=300)
         hosts: dict[str, dict[str, Any]] = {}
         for i, node in enumerate(slurm.nodes):
