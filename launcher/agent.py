@@ -45,6 +45,7 @@ class AgentRequest:
     start_method: str = "spawn"
     shutdown_timeout: int = 5
     rdzv_timeout: int = 300
+    services: dict[str, Any] = field(default_factory=dict)  # rank logs, system metrics, watchdog (node/services.py)
     resources: dict[str, Any] = field(default_factory=dict)  # NodePlan: binding, cgroup, profiler (resources.py)
 
     def to_json(self) -> str:
@@ -69,7 +70,16 @@ class AgentResult:
 
 def run_agent(req: AgentRequest) -> AgentResult:
     """Run the ranks of one node under torch's elastic agent (blocks until they end)."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from aitrain.launcher.node.services import NodeServices
+
+    # Rank log files and console, system metrics and the hang watchdog of this node.
+    with NodeServices(req) as services:
+        result = _run_elastic(req, services.logs_specs)
+    hang = services.hang_result()  # the watchdog stopped the job: say so, not "interrupted by SIGTERM"
+    return AgentResult(False, *hang) if hang else result
+
+
+def _run_elastic(req: AgentRequest, logs_specs: Any) -> AgentResult:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, launch_agent
@@ -94,7 +104,7 @@ def run_agent(req: AgentRequest) -> AgentResult:
         monitor_interval=req.monitor_interval,
         start_method=req.start_method,
         log_line_prefix_template="[rank${rank}]:",
-        logs_specs=DefaultLogsSpecs(log_dir=req.log_dir, redirects=Std.ALL, tee=Std.ALL),
+        logs_specs=logs_specs,
         local_addr=req.master_addr if req.nnodes == 1 else None,
         shutdown_timeout=req.shutdown_timeout,
     )
@@ -144,7 +154,7 @@ def describe_failures(err: object, log_dir: Path, oom_ranks: set[int] | None = N
         return msg
     message = _error_message(first)
     if not message or message == "<NONE>":
-        message = _stderr_tail(log_dir, getattr(first, "local_rank", None))
+        message = _stderr_tail(log_dir, root_rank)
     if message:
         msg += f"\nfirst failure (rank {root_rank}):\n{message}"
     return msg
@@ -161,14 +171,17 @@ def _error_message(failure: object) -> str:
     return str(getattr(failure, "message", "") or "").rstrip()
 
 
-def _stderr_tail(log_dir: Path, local_rank: object, lines: int = 15) -> str:
-    """The last lines a rank wrote to stderr (when it left no error file)."""
-    if local_rank is None:
+def _stderr_tail(log_dir: Path, rank: object, lines: int = 15) -> str:
+    """The last lines a rank wrote (when it left no error file): its ``rank<N>.log``."""
+    if rank is None:
         return ""
-    files = sorted(log_dir.glob(f"*/attempt_*/{local_rank}/stderr.log"), key=lambda p: p.stat().st_mtime)
-    if not files:
+    from aitrain.launcher.node.logstream import flush_all
+
+    flush_all()  # the streamer may still hold the rank's last lines
+    try:
+        text = (log_dir / f"rank{rank}.log").read_text(errors="replace").rstrip().splitlines()
+    except OSError:
         return ""
-    text = files[-1].read_text(errors="replace").rstrip().splitlines()
     return "\n".join(text[-lines:])
 
 

@@ -19,6 +19,8 @@ from aitrain.errors import BackendError, JobFailedError
 from aitrain.launcher.agent import AgentRequest
 from aitrain.launcher.agent import take as take_agent
 from aitrain.launcher.job import JobSpec
+from aitrain.launcher.node.services import services_options
+from aitrain.launcher.redact import redact_value
 from aitrain.launcher.resources import NodePlan, format_cpus, plan_node
 from aitrain.launcher.supervise import trampoline_argv
 
@@ -58,7 +60,7 @@ class LocalRequest:
                 reason = self.spec.env_reasons.get(k)
                 if k == "OMP_NUM_THREADS" and self.node and self.node.omp_threads:
                     reason = "one thread per CPU of the rank's set"
-                lines.append(f"    {k}={env[k]}" + (f"    # {reason}" if reason else ""))
+                lines.append(f"    {k}={redact_value(k, env[k])}" + (f"    # {reason}" if reason else ""))
         return "\n".join(lines)
 
 
@@ -129,6 +131,7 @@ class LocalBackend:
             monitor_interval=self.monitor_interval,
             start_method=self.start_method,
             shutdown_timeout=self.shutdown_timeout,
+            services=services_options(spec),
             resources=req.node.to_dict() if req.node else {},
         )
         result = self.agent_factory().run(agent_req)

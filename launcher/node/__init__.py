@@ -1,0 +1,1 @@
+"""The node agent's services (one process per node): rank logs, system metrics, hang watchdog."""
