@@ -28,6 +28,7 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from aitrain.launcher import progress
 from aitrain.launcher.config import JobConfig, job_config_from_dict
 from aitrain.launcher.data import MarkovTokens
 from aitrain.launcher.metrics import MetricsWriter
@@ -107,6 +108,7 @@ def checkpoint_root(cfg: JobConfig) -> Path:
 
 def train(cfg: JobConfig) -> float:
     """Run the training loop; returns the last step's loss."""
+    progress.mark("startup")  # phase timings and the hang watchdog: launcher/progress.py
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device)
@@ -114,12 +116,14 @@ def train(cfg: JobConfig) -> float:
         torch.cuda.set_device(device)
     if world > 1 or "MASTER_ADDR" in os.environ:
         dist.init_process_group(resolve_dist_backend(cfg.dist_backend, device))
+        progress.mark("pg_init")
 
     plan = check_job(cfg, world)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     model = GPT(model_args(cfg))
     n_params = sum(p.numel() for p in model.parameters())
+    progress.note(n_params=n_params, device=device.type)  # for the tracker's MFU estimate
     model.to(device)
     if dist.is_initialized():
         model = apply(model, plan, strategy=cfg.strategy.name, options=strategy_options(cfg))
@@ -164,6 +168,7 @@ def train(cfg: JobConfig) -> float:
         opt.zero_grad(set_to_none=True)
         loss_value = mean_loss(model, loss) if dist.is_initialized() else float(loss)  # type: ignore[arg-type]
         dt = time.perf_counter() - t0
+        progress.step(step + 1)
         if rank == 0:
             metrics.log(step + 1, loss=loss_value, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
                         lr=lr, grad_norm=float(grad_norm))
@@ -181,6 +186,7 @@ def train(cfg: JobConfig) -> float:
                 print(f"aitrain: stopping at step {step + 1} on the scheduler's signal; checkpoint saved", flush=True)
             break
     metrics.close()
+    progress.done()
     if dist.is_initialized():
         # A barrier first: under torch 2.13, gloo aborts ("terminate called without an
         # active exception") in about half the runs when ranks destroy the group while
