@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("aitrain.launcher.cli_jobs", "state of a submitted job"),
     "logs": ("aitrain.launcher.cli_jobs", "output of a submitted job"),
     "cancel": ("aitrain.launcher.cli_jobs", "cancel a submitted job"),
+    "runs": ("aitrain.launcher.cli_runs", "recent launches from MLflow; compare two runs; replay a spool"),
 }
 
 EPILOG = """examples:

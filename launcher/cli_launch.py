@@ -23,6 +23,7 @@ from typing import Any
 from aitrain import __version__
 from aitrain.errors import AitrainError, ConfigError, JobFailedError
 from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, JobConfig, register_configs, to_job_config, validate_overrides
+from aitrain.launcher.redact import redact_uri
 
 _ADD_GROUP = re.compile(r"^\+(%s)=" % "|".join(DEFAULT_GROUPS))
 
@@ -40,6 +41,14 @@ def normalize_overrides(argv: list[str]) -> list[str]:
             a = "++" + a
         out.append(a)
     return out
+
+
+def _quote_rank_list(arg: str) -> str:
+    """``log.ranks=0,3`` -> ``log.ranks='0,3'`` (Hydra would read the comma as a sweep)."""
+    key, sep, value = arg.partition("=")
+    if sep and key.lstrip("+~") == "log.ranks" and "," in value and value[:1] not in "'\"[":
+        return f"{key}='{value}'"
+    return arg
 
 
 _NO_AGENT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve", "-i"}
@@ -61,7 +70,7 @@ def _will_start_local_ranks(argv: list[str]) -> bool:
 def run_launch(argv: list[str]) -> int:
     from aitrain.launcher import agent
 
-    argv = normalize_overrides(argv)
+    argv = [_quote_rank_list(a) for a in normalize_overrides(argv)]
     if _will_start_local_ranks(argv):
         # Let the node agent import torch on the other core while Hydra composes.
         agent.prespawn()
@@ -157,6 +166,7 @@ def launch(cfg: Any) -> int:
     spec.env.update(
         AITRAIN_RUN_DIR=str(run_dir),
         AITRAIN_METRICS_FILE=str(spec.metrics_file),
+        AITRAIN_PROGRESS_DIR=str(run_dir / "progress"),
         AITRAIN_STRATEGY=job.strategy.name,
         PYTHONUNBUFFERED="1",
     )
@@ -178,8 +188,12 @@ def launch(cfg: Any) -> int:
             _tune_local(job, spec, host)
     request = backend.dryrun(spec)
     if job.dry_run:
+        from omegaconf import OmegaConf as _OC
+
+        from aitrain.launcher.redact import redact_obj
+
         print("# resolved config")
-        print(_resolved_yaml(cfg).rstrip())
+        print(_OC.to_yaml(_OC.create(redact_obj(resolved))).rstrip())
         print("\n# plan (dry run: nothing was started)")
         print(request)
         return 0
@@ -212,7 +226,7 @@ def launch(cfg: Any) -> int:
         backend.requeue()
         return 0
     print(f"aitrain: job finished in {time.monotonic() - t0:.1f}s; run dir {run_dir}"
-          + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker and tracker.run_id else ""),
+          + (f"; MLflow run {tracker.run_id} at {redact_uri(tracker.uri)}" if tracker and tracker.run_id else ""),
           flush=True)
     return 0
 
@@ -279,21 +293,39 @@ def _task_overrides() -> list[str]:
 
 def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], config_file: Path,
                    spec: Any = None) -> Any:
+    """The MLflow run of this launch: provenance now, metrics as they come (see tracking.py)."""
     if not job.tracking.enabled:
         return None
+    import platform
+    import shlex
+
+    import yaml
+
+    from aitrain.launcher.redact import redact_argv, redact_obj
     from aitrain.launcher.tracking import Tracker, flatten, resolve_tracking_uri
 
-    params = flatten({k: v for k, v in resolved.items() if k != "run_dir"})
+    host = socket.gethostname()
+    clean = redact_obj({k: v for k, v in resolved.items() if k != "run_dir"})
+    # The YAML artifact has no secrets; the ranks read the real job.yaml in the run dir.
+    clean_yaml = run_dir / "tracking" / "job.yaml"
+    clean_yaml.parent.mkdir(exist_ok=True)
+    clean_yaml.write_text(yaml.safe_dump(clean, sort_keys=False))
     tags = {
         "strategy": job.strategy.name,
         "backend": job.backend.name,
         "world_size": str(job.nnodes * job.nproc_per_node),
         "nnodes": str(job.nnodes),
-        "host": socket.gethostname(),
+        "nproc_per_node": str(job.nproc_per_node),
+        "host": host,
         "aitrain.version": __version__,
         "aitrain.run_dir": str(run_dir),
-        "aitrain.command": " ".join(["aitrain", "launch", *sys.argv[1:]]),
+        "aitrain.command": shlex.join(redact_argv(["aitrain", "launch", *sys.argv[1:]])),
+        "mlflow.source.name": job.script or "aitrain.launcher.train",
+        "versions.python": platform.python_version(),
+        "versions.aitrain": __version__,
     }
+    if job.backend.name == "local":
+        tags["nodes"] = host
     if spec is not None:
         tags.update(spec.tags)  # backend facts, e.g. slurm.job_id, slurm.restart_count, nodes
     tracker = Tracker(
@@ -301,9 +333,34 @@ def _start_tracker(job: JobConfig, run_dir: Path, resolved: dict[str, Any], conf
         experiment=job.tracking.experiment,
         run_name=job.tracking.run_name or f"{job.strategy.name}-{run_dir.name}",
         run_dir=run_dir,
-        params=params,
+        params=flatten(clean),
         tags=tags,
-        artifacts=[config_file],
+        artifacts=[clean_yaml],
+        code_dir=Path(job.script).resolve().parent if job.script else Path.cwd(),
     )
+    if spec is not None:
+        _attach_documents(tracker, spec, host)
     tracker.start()
     return tracker
+
+
+# Inherited variables worth recording in the env document (the rest of the shell is noise).
+_ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHELASTIC_", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA_",
+                 "NVIDIA_", "UCX_", "FI_", "HF_", "MLFLOW_", "MASTER_")
+
+
+def _attach_documents(tracker: Any, spec: Any, host: str) -> None:
+    """This host's topology, the preflight findings and the ranks' env (user-set vs tuned)."""
+    import os
+
+    env = {k: {"value": v, "source": "user-set (launch environment)"}
+           for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    for k, v in spec.env.items():
+        env[k] = {"value": v, "source": spec.env_reasons.get(k) or "set by aitrain"}
+    tracker.add_document(f"env/{host}", env)
+    topology = getattr(spec, "topology", None)
+    if topology:
+        tracker.add_document(f"topology/{host}", topology.to_dict() if hasattr(topology, "to_dict") else topology)
+    findings = getattr(spec, "findings", None)
+    if findings:
+        tracker.add_document("fabric/findings", [f.to_dict() if hasattr(f, "to_dict") else f for f in findings])

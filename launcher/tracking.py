@@ -1,10 +1,26 @@
 """MLflow tracking from the launcher process, off the training path.
 
-Ranks append metrics to ``<run_dir>/metrics.jsonl`` (see ``metrics.py``); the
-:class:`Tracker` here tails that file in a background thread and forwards it to
-MLflow with the run's params, tags and artifacts. MLflow is imported only in
-that thread, and only after the first step has been logged (or the job has
-ended), so tracking never delays the start of training.
+Nothing on a rank talks to MLflow. Ranks and node agents write local files in the
+run directory, and the :class:`Tracker` here forwards them from a background thread:
+
+    metrics.jsonl          rank 0's training metrics (``metrics.py``)      -> metrics
+    system-<node>.jsonl    each node agent's system metrics (``node/``)    -> metrics system/<node>/...
+    phases.jsonl           launcher phase timings (:func:`record_phase`)   -> metrics phase/<name>_s
+    progress/*.json        ranks' phase marks (``progress.py``), agents'   -> metrics phase/<name>_s
+    nodes/<node>.json      versions and GPUs per node                      -> tags versions.*, artifacts
+    documents/<name>.json  :meth:`Tracker.add_document` (topology, env...) -> artifacts <name>.json
+    logs/, hang-report-*   at the end                                       -> artifacts
+
+The files are the spool: each is read from a saved offset that advances only after
+MLflow accepted the lines, so a tracking server that goes away loses nothing. The
+thread retries with backoff while the server is down and catches up when it is back;
+at the end it drains for ``drain_timeout_s``, and if the server is still away it says
+so and leaves ``tracking.json`` (the run's params, tags, offsets) for
+``aitrain runs sync <run_dir>`` to finish the job later.
+
+MLflow is imported only in the thread, after the first training step was reported
+(or the job has ended), so tracking never delays the start of training. Secrets are
+redacted (``redact.py``) in params, tags, documents and the recorded command line.
 
 Default store: an embedded sqlite database under ``run_root`` (no server);
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere.
@@ -12,18 +28,32 @@ Default store: an embedded sqlite database under ``run_root`` (no server);
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import statistics
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from aitrain.launcher.metrics import read_new
+from aitrain.launcher.redact import redact_mapping, redact_obj, redact_uri
 
 log = logging.getLogger("aitrain.tracking")
 
 PARAM_VALUE_MAX = 500  # MLflow's limit on a param value
+TAG_VALUE_MAX = 5000
+STATE_FILE = "tracking.json"
+PHASES_FILE = "phases.jsonl"
+DOCUMENTS_DIR = "documents"
+DRAIN_TIMEOUT_S = float(os.environ.get("AITRAIN_TRACKING_DRAIN_S", "30"))
+FIRST_METRIC_GRACE_S = 30.0  # forward anyway after this long without a training step (user scripts)
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+LINES_PER_PASS = 20000
+REJECT_AFTER = 3  # attempts at a batch the server answers but refuses
 
 
 def default_tracking_uri(run_root: Path) -> str:
@@ -46,66 +76,298 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def record_phase(run_dir: Path, name: str, seconds: float) -> None:
+    """Record a phase timing (``phase/<name>_s``) from any process of the launch, tracker or not."""
+    with open(Path(run_dir) / PHASES_FILE, "a") as f:
+        f.write(json.dumps({"phase": name, "seconds": float(seconds), "time": time.time()}) + "\n")
+
+
+def git_info(path: Path) -> dict[str, str]:
+    """Commit, dirty flag, branch and remote of the git repository holding ``path`` (empty if none)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    out = {"git.commit": commit, "mlflow.source.git.commit": commit,
+           "git.dirty": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
+    for key, args in (("git.branch", ("rev-parse", "--abbrev-ref", "HEAD")), ("git.root", ("rev-parse", "--show-toplevel")),
+                      ("git.remote", ("config", "--get", "remote.origin.url"))):
+        value = git(*args)
+        if value:
+            out[key] = redact_uri(value)
+    if "git.remote" in out:
+        out["mlflow.source.git.repoURL"] = out["git.remote"]
+    return out
+
+
+def steady_state(values: list[float]) -> float | None:
+    """Median after warm-up: the first 10% of the steps (at least one) are left out."""
+    if not values:
+        return None
+    skip = max(1, len(values) // 10) if len(values) > 2 else 0
+    return float(statistics.median(values[skip:]))
+
+
 class Tracker:
-    """One MLflow run per launch, fed from the metrics spool in a background thread."""
+    """One MLflow run per launch, fed from the run directory's spool files in a background thread."""
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, run_dir: Path,
                  params: dict[str, str], tags: dict[str, str], artifacts: list[Path] | None = None,
-                 poll_s: float = 0.5) -> None:
+                 poll_s: float = 0.5, drain_timeout_s: float = DRAIN_TIMEOUT_S, code_dir: Path | None = None,
+                 state: dict[str, Any] | None = None) -> None:
         self.uri = uri
         self.experiment = experiment
         self.run_name = run_name
-        self.run_dir = run_dir
-        self.metrics_file = run_dir / "metrics.jsonl"
-        self.params = params
-        self.tags = tags
-        self.artifacts = list(artifacts or [])
+        self.run_dir = Path(run_dir)
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.params = redact_mapping(dict(params))
         self.poll_s = poll_s
-        self.run_id: str | None = None
+        self.drain_timeout_s = drain_timeout_s
+        self.code_dir = code_dir
         self.error: str | None = None
+        self.pending = False  # True after finish() when something could not be sent
+        self._lock = threading.Lock()
         self._done = threading.Event()
-        self._status = "FINISHED"
-        self._offset = 0
+        self._finished_at: float | None = None
+        self._client: Any = None
+        self._attempts: dict[str, int] = {}
+        self._down_since: float | None = None
         self._thread = threading.Thread(target=self._main, name="aitrain-tracker", daemon=True)
+        self.state: dict[str, Any] = state or {
+            "uri": uri, "experiment": experiment, "run_name": run_name, "run_id": None, "status": None,
+            "params": self.params, "params_logged": False, "tags": {}, "tags_logged": {},
+            "artifacts": [str(a) for a in artifacts or []], "uploaded": {}, "offsets": {},
+            "phases_logged": [], "finished": False, "start_time": time.time(), "end_time": None,
+            "not_before": None,
+        }
+        if state is None and (self.run_dir / STATE_FILE).exists():
+            self._new_attempt()
+        self.set_tags(**tags)
+
+    # -- API for the launch ---------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        return self.state.get("run_id")
 
     def start(self) -> None:
+        self._save_state()
         self._thread.start()
 
-    def finish(self, status: str = "FINISHED", timeout: float = 120.0) -> None:
-        """Drain the spool, upload logs, end the run with ``status`` (FINISHED/FAILED/KILLED)."""
-        self._status = status
+    def phase(self, name: str, seconds: float) -> None:
+        """Record a launcher-side phase timing, e.g. ``tracker.phase("probe", 1.8)`` -> ``phase/probe_s``."""
+        record_phase(self.run_dir, name, seconds)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """``with tracker.timed("tune"): ...`` records ``phase/tune_s`` (also when the block raises)."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phase(name, time.monotonic() - t0)
+
+    def add_document(self, name: str, obj: Any) -> Path:
+        """Attach a JSON document (redacted) to the run as artifact ``<name>.json``.
+
+        ``name`` may have folders: ``topology/node1``, ``env/node1``, ``fabric/findings``.
+        Callable before or after :meth:`start`; calling it again replaces the document.
+        """
+        parts = [p for p in Path(name).parts if p not in ("", ".", "..", "/")]
+        if not parts:
+            raise ValueError(f"document name {name!r} is empty")
+        path = self.run_dir / DOCUMENTS_DIR / Path(*parts[:-1]) / f"{parts[-1]}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(path)
+        return path
+
+    def set_tags(self, **tags: Any) -> None:
+        """Tags (redacted) for the run; sent with the next pass."""
+        with self._lock:
+            for k, v in redact_mapping({k: str(v)[:TAG_VALUE_MAX] for k, v in tags.items()}).items():
+                self.state["tags"][k] = v
+
+    def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
+        """Send what is left, upload logs and end the run with ``status`` (FINISHED/FAILED/KILLED).
+
+        Returns True when everything reached MLflow; otherwise says how to replay it later."""
+        self.state["status"] = status
+        self.state["end_time"] = self.state.get("end_time") or time.time()
+        self._finished_at = time.monotonic()
+        self._save_state()
         self._done.set()
-        self._thread.join(timeout)
         if self._thread.is_alive():
-            print(f"aitrain: MLflow logging did not finish in {timeout:.0f}s; "
-                  f"metrics stay in {self.metrics_file}", flush=True)
-        elif self.error:
-            print(f"aitrain: MLflow logging failed ({self.error}); metrics stay in {self.metrics_file}",
-                  flush=True)
+            self._thread.join(timeout if timeout is not None else self.drain_timeout_s + 30)
+        elif not self.state.get("finished"):
+            self._main()  # never started: forward synchronously
+        where = redact_uri(self.uri)
+        if self.state.get("finished"):
+            return True
+        self.pending = True
+        why = self.error or f"the tracking server at {where} was unreachable"
+        print(f"aitrain: MLflow logging is incomplete ({why}); everything is kept in {self.run_dir}. "
+              f"Replay it with: aitrain runs sync {self.run_dir}", flush=True)
+        return False
 
-    # -- background thread ------------------------------------------------
+    @classmethod
+    def from_run_dir(cls, run_dir: Path, uri: str | None = None, drain_timeout_s: float = 60.0) -> "Tracker":
+        """The tracker of an earlier launch, to replay its spool (``aitrain runs sync``)."""
+        state = json.loads((Path(run_dir) / STATE_FILE).read_text())
+        if uri and uri != state["uri"]:
+            # Another store: the run is created there from scratch.
+            state.update(uri=uri, run_id=None, params_logged=False, tags_logged={}, uploaded={}, offsets={},
+                         phases_logged=[], finished=False)
+        t = cls(uri=state["uri"], experiment=state["experiment"], run_name=state["run_name"], run_dir=Path(run_dir),
+                params=state["params"], tags={}, drain_timeout_s=drain_timeout_s, state=state)
+        t.state["finished"] = False
+        t.state["status"] = state.get("status") or "FAILED"
+        return t
 
-    def _wait_for_first_metric(self) -> None:
-        while not self._done.is_set():
-            if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
-                return
-            self._done.wait(self.poll_s)
+    def _new_attempt(self) -> None:
+        """The run dir holds an earlier attempt (a requeued Slurm job): this run gets only this
+        attempt's lines; the earlier state is kept as ``tracking-<run id>.json``."""
+        old = self.run_dir / STATE_FILE
+        try:
+            prev = json.loads(old.read_text()).get("run_id") or "previous"
+        except (OSError, ValueError):
+            prev = "previous"
+        old.replace(self.run_dir / f"tracking-{prev}.json")
+        self.state["not_before"] = _process_start_time() - 2.0  # /proc/stat's btime is in whole seconds
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        with self._lock:
+            data = json.dumps(self.state, indent=1, sort_keys=True)
+        tmp = self.run_dir / (STATE_FILE + ".tmp")
+        tmp.write_text(data)
+        tmp.replace(self.run_dir / STATE_FILE)
+
+    def _started_training(self) -> bool:
+        if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
+            return True
+        from aitrain.launcher.progress import read_record
+
+        return any((read_record(p) or {}).get("step") for p in (self.run_dir / "progress").glob("rank*.json"))
 
     def _main(self) -> None:
         try:
-            self._wait_for_first_metric()
-            self._run()
+            if self.code_dir is not None and "git.commit" not in self.state["tags"]:
+                self.set_tags(**git_info(self.code_dir))
+            t0 = time.monotonic()
+            while not self._done.is_set() and not self._started_training() \
+                    and time.monotonic() - t0 < FIRST_METRIC_GRACE_S:
+                self._done.wait(self.poll_s)
+            self._loop()
         except Exception as e:  # tracking must never take the job down
             self.error = f"{type(e).__name__}: {e}"
             log.warning("MLflow tracking failed: %s", self.error)
 
-    def _run(self) -> None:
-        from mlflow.entities import Metric, Param
-        from mlflow.tracking import MlflowClient
+    def _loop(self) -> None:
+        backoff = 0.0
+        while True:
+            final = self._done.is_set()
+            try:
+                self._pass(final)
+                if self._down_since is not None:
+                    print(f"aitrain: tracking server at {redact_uri(self.uri)} is back after "
+                          f"{time.monotonic() - self._down_since:.0f}s; catching up", flush=True)
+                    self._down_since = None
+                backoff = 0.0
+                if final:
+                    return
+            except Exception as e:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    print(f"aitrain: tracking server at {redact_uri(self.uri)} is unreachable "
+                          f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
+                          flush=True)
+                backoff = min(max(backoff * 2, 1.0), 15.0)
+                if final and self._finished_at is not None and \
+                        time.monotonic() - self._finished_at + backoff > self.drain_timeout_s:
+                    return
+            self._done.wait(backoff or self.poll_s)
 
-        for name in ("alembic", "mlflow"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        client = MlflowClient(tracking_uri=self.uri)
+    def _connect(self) -> Any:
+        if self._client is None:
+            # Fail fast and let the loop retry: MLflow's own retries would block for minutes.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            from mlflow.tracking import MlflowClient
+
+            for name in ("alembic", "mlflow", "urllib3"):  # after the import: mlflow sets its own level
+                logging.getLogger(name).setLevel(logging.ERROR)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def _server_is_up(self) -> bool:
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=3) as r:
+                return r.status == 200
+        except Exception:
+            return False
+
+    def _attempt(self, key: str, fn: Any, *args: Any) -> bool:
+        """Run ``fn``; False if the server is up but keeps refusing it (the caller skips the item)."""
+        try:
+            fn(*args)
+            self._attempts.pop(key, None)
+            return True
+        except Exception as e:
+            if not self._server_is_up():
+                raise
+            n = self._attempts[key] = self._attempts.get(key, 0) + 1
+            if n < REJECT_AFTER:
+                raise
+            self._attempts.pop(key, None)
+            log.warning("MLflow refused %s: %s", key, e)
+            with open(self.run_dir / "tracking-rejected.jsonl", "a") as f:
+                f.write(json.dumps({"item": key, "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n")
+            return False
+
+    def _pass(self, final: bool) -> None:
+        client = self._connect()
+        self._ensure_run(client)
+        run_id = self.state["run_id"]
+        from mlflow.entities import Param, RunTag
+
+        if not self.state["params_logged"]:
+            items = [Param(k, v) for k, v in sorted(self.state["params"].items())]
+            for i in range(0, len(items), 100):
+                self._attempt(f"params[{i}]", client.log_batch, run_id, [], items[i:i + 100])
+            self.state["params_logged"] = True
+            self._save_state()
+        self._node_tags()
+        with self._lock:
+            tags = {k: v for k, v in self.state["tags"].items() if self.state["tags_logged"].get(k) != v}
+        if tags:
+            batch = [RunTag(k, v) for k, v in sorted(tags.items())]
+            self._attempt("tags", client.log_batch, run_id, [], [], batch)
+            with self._lock:
+                self.state["tags_logged"].update(tags)
+            self._save_state()
+        self._upload_documents(client, run_id)
+        self._forward_spools(client, run_id)
+        self._rank_phases(client, run_id, final)
+        if final:
+            self._finish_run(client, run_id)
+
+    def _ensure_run(self, client: Any) -> None:
+        if self.state["run_id"]:
+            return
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
             artifact_location = None
@@ -115,40 +377,257 @@ class Tracker:
             try:
                 exp_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
             except Exception:  # created concurrently by another launch
-                exp_id = client.get_experiment_by_name(self.experiment).experiment_id
+                exp = client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
-        run = client.create_run(exp_id, run_name=self.run_name, tags=self.tags)
-        self.run_id = run.info.run_id
-        (self.run_dir / "mlflow_run_id").write_text(self.run_id + "\n")
-        items = [Param(k, v) for k, v in sorted(self.params.items())]
-        for i in range(0, len(items), 100):
-            client.log_batch(self.run_id, params=items[i : i + 100])
-        for path in self.artifacts:
-            if path.exists():
-                client.log_artifact(self.run_id, str(path))
+        with self._lock:
+            tags = dict(self.state["tags"])
+        start = self.state.get("start_time")
+        run = client.create_run(exp_id, run_name=self.run_name, tags=tags,
+                                start_time=int(start * 1000) if start else None)
+        with self._lock:
+            self.state["run_id"] = run.info.run_id
+            self.state["tags_logged"] = tags
+        (self.run_dir / "mlflow_run_id").write_text(run.info.run_id + "\n")
+        self._save_state()
 
-        while True:
-            done = self._done.is_set()
-            records, self._offset = read_new(self.metrics_file, self._offset)
-            metrics = []
-            for rec in records:
-                step = int(rec.get("step", 0))
-                ts = int(float(rec.get("time", time.time())) * 1000)
-                for k, v in rec.items():
-                    if k in ("step", "time") or not isinstance(v, (int, float)):
-                        continue
-                    metrics.append(Metric(k, float(v), ts, step))
-            for i in range(0, len(metrics), 1000):
-                client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
-            if done:
-                break
-            self._done.wait(self.poll_s)
+    # -- what gets forwarded ------------------------------------------------------------
 
-        logs = self.run_dir / "logs"
-        if logs.is_dir():
-            client.log_artifacts(self.run_id, str(logs), artifact_path="logs")
+    def _upload(self, client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
+        key = str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
+        if self.state["uploaded"].get(key) == mtime:
+            return
+        self._attempt(f"artifact {key}", client.log_artifact, run_id, str(path), artifact_path)
+        self.state["uploaded"][key] = mtime  # sent, or refused for good (see tracking-rejected.jsonl)
+        self._save_state()
+
+    def _upload_documents(self, client: Any, run_id: str) -> None:
+        for name in self.state["artifacts"]:
+            self._upload(client, run_id, Path(name), None)
+        docs = self.run_dir / DOCUMENTS_DIR
+        for path in sorted(docs.rglob("*.json")) if docs.is_dir() else []:
+            rel = path.parent.relative_to(docs)
+            self._upload(client, run_id, path, None if str(rel) == "." else str(rel))
+        for path in sorted((self.run_dir / "nodes").glob("*.json")):
+            self._upload(client, run_id, path, "nodes")
+
+    def _node_tags(self) -> None:
+        nodes = []
+        for path in sorted((self.run_dir / "nodes").glob("*.json")):
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            nodes.append(info)
+        if not nodes:
+            return
+        nodes.sort(key=lambda n: n.get("node_rank", 0))
+        tags = {f"versions.{k}": str(v) for k, v in (nodes[0].get("versions") or {}).items()}
+        tags["nodes"] = ",".join(str(n.get("host")) for n in nodes)
+        gpus = nodes[0].get("gpus") or []
+        if gpus:
+            tags["gpu"] = f"{len(gpus)}x {gpus[0].get('name')}"
+        self.set_tags(**tags)
+
+    def _spools(self) -> list[Path]:
+        return [self.metrics_file, self.run_dir / PHASES_FILE, *sorted(self.run_dir.glob("system-*.jsonl"))]
+
+    def _forward_spools(self, client: Any, run_id: str) -> None:
+        from mlflow.entities import Metric
+
+        mfu = self._mfu_scale()
+        not_before = self.state.get("not_before")
+        for path in self._spools():
+            key = path.name
+            while True:
+                offset = self.state["offsets"].get(key, 0)
+                records = _read_lines(path, offset, LINES_PER_PASS)
+                if not records:
+                    break
+                batch: list[Any] = []
+                batch_end = offset
+                for rec, line_end in records:
+                    if not_before is None or float(rec.get("time") or not_before) >= not_before:
+                        batch.extend(_metrics_of(rec, Metric, mfu if path == self.metrics_file else None))
+                    batch_end = line_end
+                    if len(batch) >= METRICS_PER_BATCH:
+                        self._send(client, run_id, key, batch, offset, batch_end)
+                        offset, batch = batch_end, []
+                if batch_end > offset:
+                    self._send(client, run_id, key, batch, offset, batch_end)
+                if len(records) < LINES_PER_PASS:
+                    break
+
+    def _send(self, client: Any, run_id: str, key: str, metrics: list[Any], start: int, end: int) -> None:
+        for i in range(0, len(metrics), METRICS_PER_BATCH):
+            self._attempt(f"{key}@{start}+{i}", client.log_batch, run_id, metrics[i:i + METRICS_PER_BATCH])
+        with self._lock:
+            self.state["offsets"][key] = end
+        self._save_state()
+
+    def _mfu_scale(self) -> float | None:
+        """MFU per token/s: 6 x params / (peak FLOP/s x GPUs); None on CPU or when unknown."""
+        from aitrain.launcher.node.nodeinfo import peak_flops
+        from aitrain.launcher.progress import read_record
+
+        rank0 = read_record(self.run_dir / "progress" / "rank0.json") or {}
+        n_params = (rank0.get("info") or {}).get("n_params")
+        if not n_params or rank0.get("info", {}).get("device", "cuda") != "cuda":
+            return None
+        try:
+            node = json.loads(sorted((self.run_dir / "nodes").glob("*.json"))[0].read_text())
+            gpu = node["gpus"][0]["name"]
+        except (IndexError, KeyError, OSError, ValueError):
+            return None
+        dtype = "bf16" if self.state["params"].get("strategy.mixed_precision") == "bf16" else "fp32"
+        peak = peak_flops(gpu, dtype)
+        world = int(self.state["tags"].get("world_size", "1") or 1)
+        return 6.0 * float(n_params) / (peak * world) if peak else None
+
+    def _rank_phases(self, client: Any, run_id: str, final: bool) -> None:
+        """phase/<mark>_s: the slowest rank's time for each phase, once every rank has it (or at the end)."""
+        from mlflow.entities import Metric
+
+        from aitrain.launcher.progress import phase_durations, read_record
+
+        world = int(self.state["tags"].get("world_size", "0") or 0)
+        per_phase: dict[str, list[float]] = {}
+        for path in (self.run_dir / "progress").glob("rank*.json"):
+            for name, seconds in phase_durations(read_record(path) or {}).items():
+                per_phase.setdefault(name, []).append(seconds)
+        for path in (self.run_dir / "progress").glob("agent-*.json"):
+            try:
+                agent = json.loads(path.read_text())
+                per_phase.setdefault("rendezvous", []).append(float(agent["rendezvous_s"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"phase/{name}_s", max(values), now, 0) for name, values in sorted(per_phase.items())
+                   if name not in self.state["phases_logged"]
+                   and (final or name == "rendezvous" or (world and len(values) >= world))]
+        if metrics:
+            self._attempt("rank phases", client.log_batch, run_id, metrics)
+            with self._lock:
+                self.state["phases_logged"].extend(m.key[len("phase/"):-len("_s")] for m in metrics)
+            self._save_state()
+
+    def _finish_run(self, client: Any, run_id: str) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        summary = []
+        steps = _column(self.metrics_file, "step_time_s")
+        tokens = _column(self.metrics_file, "tokens_per_s")
+        mfu = _column(self.metrics_file, "mfu")
+        if not mfu and tokens and (scale := self._mfu_scale()):
+            mfu = [t * scale for t in tokens]
+        for key, values in (("phase/steady_step_s", steps), ("steady/tokens_per_s", tokens), ("steady/mfu", mfu)):
+            value = steady_state(values)
+            if value is not None:
+                summary.append(Metric(key, value, now, 0))
+        if summary:
+            self._attempt("summary", client.log_batch, run_id, summary)
+        for name in ("logs",):
+            d = self.run_dir / name
+            if d.is_dir():
+                for path in sorted(d.rglob("*")):
+                    if path.is_file():
+                        rel = path.parent.relative_to(self.run_dir)
+                        self._upload(client, run_id, path, str(rel))
+        not_before = self.state.get("not_before") or 0
+
+        def this_attempt(paths: Any) -> list[Path]:
+            return [p for p in sorted(paths) if p.stat().st_mtime >= not_before and p.stat().st_size]
+
+        hang = this_attempt(self.run_dir.glob("hang-report-*.json"))
+        for path in [*hang, *this_attempt(self.run_dir.glob("hang-report-*.txt")),
+                     *this_attempt((self.run_dir / "progress").glob("stack-rank*.txt"))]:
+            self._upload(client, run_id, path, "hang")
         if self.metrics_file.exists():
-            client.log_artifact(self.run_id, str(self.metrics_file))
-        client.set_terminated(self.run_id, status=self._status)
-        client.set_tag(self.run_id, "aitrain.tracked", "true")
+            self._upload(client, run_id, self.metrics_file, None)
+        if hang:
+            self._hang_tags(hang)
+        from mlflow.entities import RunTag
+
+        with self._lock:
+            tags = {k: v for k, v in self.state["tags"].items() if self.state["tags_logged"].get(k) != v}
+        tags["aitrain.tracked"] = "true"
+        self._attempt("final tags", client.log_batch, run_id, [], [], [RunTag(k, v) for k, v in tags.items()])
+        end = self.state.get("end_time")
+        client.set_terminated(run_id, status=self.state.get("status") or "FINISHED",
+                              end_time=int(end * 1000) if end else None)
+        with self._lock:
+            self.state["tags_logged"].update(tags)
+            self.state["finished"] = True
+        self._save_state()
+
+    def _hang_tags(self, reports: list[Path]) -> None:
+        behind, summaries = [], []
+        for path in reports:
+            try:
+                rep = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            behind += [f"{b['rank']}@{b['host']}" for b in rep.get("behind", [])]
+            summaries.append(rep.get("summary", ""))
+        self.set_tags(**{"aitrain.hang": "true", "aitrain.hang.behind": ",".join(behind) or "unknown",
+                         "aitrain.hang.summary": " | ".join(summaries)})
+
+
+def _process_start_time() -> float:
+    """When this process started (wall clock), from /proc; now if unknown."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+def _read_lines(path: Path, offset: int, limit: int) -> list[tuple[dict[str, Any], int]]:
+    """Up to ``limit`` complete JSON lines after ``offset``: [(record, offset after it)]."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(64 * 1024 * 1024)
+    except FileNotFoundError:
+        return []
+    out = []
+    pos = 0
+    while len(out) < limit:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            break
+        line = data[pos:nl]
+        pos = nl + 1
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        out.append((rec if isinstance(rec, dict) else {}, offset + pos))
+    return out
+
+
+def _metrics_of(rec: dict[str, Any], metric_cls: Any, mfu_scale: float | None) -> list[Any]:
+    if "phase" in rec and "seconds" in rec:  # phases.jsonl
+        return [metric_cls(f"phase/{rec['phase']}_s", float(rec["seconds"]), int(float(rec.get("time", 0)) * 1000), 0)]
+    step = int(rec.get("step", 0) or 0)
+    ts = int(float(rec.get("time", time.time())) * 1000)
+    out = [metric_cls(k, float(v), ts, step) for k, v in rec.items()
+           if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if mfu_scale and isinstance(rec.get("tokens_per_s"), (int, float)) and "mfu" not in rec:
+        out.append(metric_cls("mfu", float(rec["tokens_per_s"]) * mfu_scale, ts, step))
+    return out
+
+
+def _column(path: Path, key: str) -> list[float]:
+    records, _ = read_new(path, 0)
+    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]

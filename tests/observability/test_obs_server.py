@@ -1,0 +1,151 @@
+"""A real `mlflow server` (loopback, sqlite backend, local artifact store): the record goes through
+its REST API, and stopping it mid-run and starting it again loses no metric."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import REPO, aitrain_argv
+
+JOB = REPO / "tests" / "scripts" / "progress_job.py"
+HOST = os.uname().nodename
+pytestmark = pytest.mark.timeout(300)
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1; stop() and start() keep the port and the database."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90) -> None:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=self.root,
+            stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"mlflow server did not come up in {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        for _ in range(50):  # the port is free again
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def wait_for(what: str, cond, timeout: float = 90, every: float = 0.2):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric_steps(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0
+
+
+def test_server_goes_away_mid_run_and_no_metric_is_lost(server: MlflowServer, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    out = open(tmp_path / "out.txt", "w")
+    env = dict(os.environ, STEPS="30", STEP_SLEEP="0.02", GATE_DIR=str(gates), GATE_STEPS="10,20")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(aitrain_argv() + ["launch", f"script={JOB}", "fabric=off", "nproc_per_node=2",
+                                              f"tracking.uri={server.uri}", "tracking.system_metrics_interval_s=0.3"],
+                            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = MlflowClient(tracking_uri=server.uri)
+
+        def run_with_steps(n: int):  # type: ignore[no-untyped-def]
+            exp = client.get_experiment_by_name("aitrain")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= n:
+                return runs[0]
+            return None
+
+        run = wait_for("the first 10 steps in MLflow", lambda: run_with_steps(10))
+        run_dir = Path(run.data.tags["aitrain.run_dir"])
+        server.stop()
+        (gates / "gate10").touch()  # steps 11-20 while the server is away
+        wait_for("step 20", lambda: metric_steps(run_dir / "metrics.jsonl") >= 20)
+        wait_for("the tracker to notice", lambda: "unreachable" in (tmp_path / "out.txt").read_text(), timeout=60)
+        server.start()
+        (gates / "gate20").touch()  # steps 21-30 after it is back
+        assert proc.wait(180) == 0, (tmp_path / "out.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()
+    output = (tmp_path / "out.txt").read_text()
+    assert "is back" in output and "incomplete" not in output
+
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "tokens_per_s", "step_time_s", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, 31)), (key, steps)
+    samples = [json.loads(line) for line in (run_dir / f"system-{HOST}.jsonl").read_text().splitlines()]
+    cpu = client.get_metric_history(run.info.run_id, f"system/{HOST}/mem_total_mib")
+    assert len(cpu) == len(samples) >= 3
+    assert {"phase/startup_s", "phase/pg_init_s", "phase/first_step_s", "phase/rendezvous_s",
+            "phase/steady_step_s"} <= set(run.data.metrics)
+    assert run.data.params["nproc_per_node"] == "2" and run.data.tags["nodes"] == HOST
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
+    assert {"logs/rank0.log", "logs/rank1.log"} <= artifacts  # through the server's artifact proxy
+    assert (server.root / "artifacts").is_dir()
