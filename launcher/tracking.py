@@ -261,12 +261,12 @@ class Tracker:
 
     def _main(self) -> None:
         try:
-            if self.code_dir is not None and "git.commit" not in self.state["tags"]:
-                self.set_tags(**git_info(self.code_dir))
             t0 = time.monotonic()
             while not self._done.is_set() and not self._started_training() \
                     and time.monotonic() - t0 < FIRST_METRIC_GRACE_S:
                 self._done.wait(self.poll_s)
+            if self.code_dir is not None and "git.commit" not in self.state["tags"]:
+                self.set_tags(**git_info(self.code_dir))  # after the first step: git costs CPU too
             self._loop()
         except Exception as e:  # tracking must never take the job down
             self.error = f"{type(e).__name__}: {e}"
