@@ -8,7 +8,8 @@ CUDA, gloo on CPU, as the built-in job does) and
   (``--out``);
 - ``--mode smoke``: checks that the socket interface it was told to use is up,
   then runs one short all_reduce, checks the result and exits 0; any failure or a
-  timeout (``--timeout``) exits non-zero naming this host.
+  timeout (``--timeout``) exits non-zero naming this host;
+- ``--mode precheck``: only the interface check (no torch, no process group).
 
     python -m aitrain.fabric.bench_rank --mode bench --sizes 8K:256M --factor 4 --out r.json
 """
@@ -70,7 +71,8 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("bench", "smoke"), default="bench")
+    ap.add_argument("--mode", choices=("bench", "smoke", "precheck"), default="bench",
+                    help="precheck: only check that this node's socket interface is up (no torch)")
     ap.add_argument("--collectives", default="all_reduce")
     ap.add_argument("--sizes", default="8K:256M")
     ap.add_argument("--factor", type=int, default=4)
@@ -85,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     _die_with_parent()
 
-    if args.mode == "smoke":
+    if args.mode in ("smoke", "precheck"):
         problem = interface_problem(socket_interfaces())
         if problem:
             print(f"aitrain smoke: {problem}", file=sys.stderr, flush=True)
             return EXIT_INTERFACE_DOWN
+        if args.mode == "precheck":
+            return 0
 
     import torch.distributed as dist
 

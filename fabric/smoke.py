@@ -139,8 +139,8 @@ def find_bad_nodes(
         for x in dict.fromkeys(pending):
             if x in good or x in bad:
                 continue
-            if partners:
-                tests.append(([x, partners.pop(0)], [x]))
+            if partners:  # the good node first: it hosts the rendezvous, which must work
+                tests.append(([partners.pop(0), x], [x]))
             else:
                 waiting.append(x)
         pending = waiting

@@ -122,7 +122,8 @@ def _free_port() -> int:
 
 
 def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeout: float,
-           run_dir: Path, master_port: int | None, env: dict[str, str] | None) -> _Started:
+           run_dir: Path, master_port: int | None, env: dict[str, str] | None,
+           rdzv_timeout: float | None = None) -> _Started:
     if not nodes:
         raise FabricError("no nodes to run on", "pass at least one node")
     master = nodes[0].address or "127.0.0.1"
@@ -137,7 +138,8 @@ def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeo
         req = AgentRequest(
             run_id=run_id, argv=argv, nproc_per_node=nproc_per_node, master_addr=master,
             master_port=port, log_dir=str(node_dir / "logs"), result_file=str(node_dir / "result.json"),
-            env=node_env, nnodes=len(nodes), node_rank=i, rdzv_timeout=max(10, int(timeout)),
+            env=node_env, nnodes=len(nodes), node_rank=i,
+            rdzv_timeout=max(5, int(rdzv_timeout if rdzv_timeout is not None else timeout)),
             shutdown_timeout=2,
         )
         req_file = node_dir / "request.json"
@@ -202,10 +204,11 @@ def wait_all(groups: list[_Started], poll: float = 0.05) -> list[NodesRun]:
 
 def run_on_nodes(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int = 1, timeout: float = 120.0,
                  run_dir: str | os.PathLike[str], master_port: int | None = None,
-                 env: dict[str, str] | None = None) -> NodesRun:
-    """Run ``argv`` as a torchrun-style job over ``nodes`` (rendezvous at the first)."""
+                 env: dict[str, str] | None = None, rdzv_timeout: float | None = None) -> NodesRun:
+    """Run ``argv`` as a torchrun-style job over ``nodes`` (rendezvous at the first).
+    ``timeout``: the whole run; ``rdzv_timeout``: how long agents wait for each other."""
     started = _start(nodes, argv, nproc_per_node=nproc_per_node, timeout=timeout, run_dir=Path(run_dir),
-                     master_port=master_port, env=env)
+                     master_port=master_port, env=env, rdzv_timeout=rdzv_timeout)
     try:
         return wait_all([started])[0]
     except BaseException:
@@ -215,13 +218,14 @@ def run_on_nodes(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int 
 
 def run_groups(groups: Sequence[Sequence[Node]], argv: list[str], *, nproc_per_node: int = 1,
                timeout: float = 120.0, run_dir: str | os.PathLike[str],
-               env: dict[str, str] | None = None) -> list[NodesRun]:
+               env: dict[str, str] | None = None, rdzv_timeout: float | None = None) -> list[NodesRun]:
     """Run ``argv`` over several disjoint groups at once, one job per group."""
     started: list[_Started] = []
     try:
         for i, group in enumerate(groups):
             started.append(_start(group, argv, nproc_per_node=nproc_per_node, timeout=timeout,
-                                  run_dir=Path(run_dir) / f"group{i}", master_port=None, env=env))
+                                  run_dir=Path(run_dir) / f"group{i}", master_port=None, env=env,
+                                  rdzv_timeout=rdzv_timeout))
         return wait_all(started)
     except BaseException:
         for s in started:
@@ -229,44 +233,130 @@ def run_groups(groups: Sequence[Sequence[Node]], argv: list[str], *, nproc_per_n
         raise
 
 
+SMOKE_STARTUP_S = 30.0  # on top of the smoke timeout: agents and ranks start (torch import) on busy nodes
+
+
 def smoke_argv(timeout: float) -> list[str]:
     return [sys.executable, "-u", "-m", "aitrain.fabric.bench_rank", "--mode", "smoke",
             "--timeout", f"{timeout:g}"]
 
 
+def precheck_nodes(nodes: Sequence[Node], timeout: float = 30.0) -> dict[str, str]:
+    """{node: problem} for nodes whose own socket interface is missing or down (a light
+    process per node, no torch): they cannot take part, whatever the others do."""
+    procs = []
+    for node in nodes:
+        env = {**os.environ, **node.env, "AITRAIN_NODE_NAME": node.name}
+        procs.append(subprocess.Popen(
+            [*node.prefix, sys.executable, "-m", "aitrain.fabric.bench_rank", "--mode", "precheck"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    problems = {}
+    for node, proc in zip(nodes, procs):
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            problems[node.name] = f"the interface check did not answer within {timeout:g}s"
+            continue
+        if proc.returncode != 0:
+            problems[node.name] = (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return problems
+
+
 @dataclass
 class SmokeRunner:
-    """``run_groups`` for :func:`aitrain.fabric.smoke.find_bad_nodes` over real nodes."""
+    """``run_groups`` for :func:`aitrain.fabric.smoke.find_bad_nodes` over real nodes.
+    Groups holding a node whose precheck failed fail at once, without starting anything."""
 
     nodes: dict[str, Node]
     run_dir: Path
     timeout: float = 30.0
     nproc_per_node: int = 1
+    failed_precheck: dict[str, str] = field(default_factory=dict)
     runs: list[NodesRun] = field(default_factory=list)
     rounds: int = 0
 
     def __call__(self, groups: list[list[str]]) -> list[bool]:
         self.rounds += 1
-        round_dir = self.run_dir / f"round{self.rounds}"
-        runs = run_groups([[self.nodes[n] for n in g] for g in groups], smoke_argv(self.timeout),
-                          nproc_per_node=self.nproc_per_node, timeout=self.timeout + 15, run_dir=round_dir)
+        live = [g for g in groups if not set(g) & set(self.failed_precheck)]
+        runs = run_groups([[self.nodes[n] for n in g] for g in live], smoke_argv(self.timeout),
+                          nproc_per_node=self.nproc_per_node, timeout=self.timeout + SMOKE_STARTUP_S,
+                          rdzv_timeout=self.timeout, run_dir=self.run_dir / f"round{self.rounds}") if live else []
         self.runs.extend(runs)
-        return [r.ok for r in runs]
+        by_group = {tuple(g): r.ok for g, r in zip(live, runs)}
+        return [by_group.get(tuple(g), False) for g in groups]
+
+
+@dataclass
+class SmokeReport:
+    """The smoke test over a job's nodes, and (on failure) what was found."""
+
+    nodes: list[str]
+    precheck: dict[str, str] = field(default_factory=dict)
+    """Nodes whose own socket interface is missing or down, and why."""
+    full: NodesRun | None = None
+    """The smoke all_reduce over every node (that passed the precheck)."""
+    bisect: object = None  # aitrain.fabric.smoke.BisectResult | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.precheck and self.full is not None and self.full.ok
+
+    @property
+    def bad(self) -> list[str]:
+        found = set(self.precheck) | set(getattr(self.bisect, "bad", []) or [])
+        return [n for n in self.nodes if n in found]
+
+    @property
+    def suspects(self) -> list[str]:
+        return [n for n in getattr(self.bisect, "suspects", []) or [] if n not in self.precheck]
+
+    @property
+    def unresolved(self) -> bool:
+        """Failed, and not (only) because of proven-bad nodes."""
+        if self.ok:
+            return False
+        if self.bisect is not None:
+            return bool(self.suspects) or bool(getattr(self.bisect, "flaky", False))
+        return not self.bad or (self.full is not None and not self.full.ok)
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"smoke all_reduce ok on {len(self.nodes)} node(s)"
+        parts = [f"{n}: {why}" for n, why in self.precheck.items()]
+        if self.bisect is not None:
+            parts.append(self.bisect.describe())  # type: ignore[attr-defined]
+        elif self.full is not None and not self.full.ok:
+            parts.append(f"smoke all_reduce failed: {self.full.failure()}")
+        elif self.full is not None:
+            parts.append(f"smoke all_reduce ok on the other {len(self.full.nodes)} node(s)")
+        return "; ".join(parts)
 
 
 def smoke_test(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeout: float = 30.0,
-               nproc_per_node: int = 1, bisect: bool = True):  # -> tuple[NodesRun, BisectResult | None]
-    """The pre-launch smoke all_reduce over ``nodes``; on failure, bisect to the bad
-    node(s). Returns (the full run, the bisection or None when the smoke passed)."""
+               nproc_per_node: int = 1, bisect: bool = True) -> SmokeReport:
+    """The pre-launch smoke test: each node checks its own socket interface; a short
+    all_reduce then runs over every node that passed; when it fails or times out the
+    nodes are bisected to the bad one(s) (:func:`aitrain.fabric.smoke.find_bad_nodes`)."""
     from aitrain.fabric.smoke import find_bad_nodes
 
     run_dir = Path(run_dir)
-    full = run_on_nodes(nodes, smoke_argv(timeout), nproc_per_node=nproc_per_node, timeout=timeout + 15,
-                        run_dir=run_dir / "smoke-all")
-    if full.ok or not bisect or len(nodes) < 2:
-        return full, None
-    runner = SmokeRunner({n.name: n for n in nodes}, run_dir / "bisect", timeout, nproc_per_node)
-    return full, find_bad_nodes([n.name for n in nodes], runner, initial_passed=False)
+    report = SmokeReport(nodes=[n.name for n in nodes], precheck=precheck_nodes(nodes))
+    rest = [n for n in nodes if n.name not in report.precheck]
+    if len(rest) < 2:
+        if len(nodes) == 1 and not report.precheck:  # one node: the all_reduce stays on it
+            report.full = run_on_nodes(nodes, smoke_argv(timeout), nproc_per_node=nproc_per_node,
+                                       timeout=timeout + SMOKE_STARTUP_S, rdzv_timeout=timeout,
+                                       run_dir=run_dir / "smoke-all")
+        return report
+    report.full = run_on_nodes(rest, smoke_argv(timeout), nproc_per_node=nproc_per_node,
+                               timeout=timeout + SMOKE_STARTUP_S, rdzv_timeout=timeout,
+                               run_dir=run_dir / "smoke-all")
+    if not report.full.ok and bisect:
+        runner = SmokeRunner({n.name: n for n in rest}, run_dir / "bisect", timeout, nproc_per_node)
+        report.bisect = find_bad_nodes([n.name for n in rest], runner, initial_passed=False)
+    return report
 
 
 # --------------------------------------------------------------------------- CLI helpers
@@ -320,3 +410,46 @@ def apply_tuned(nodes: Sequence[Node], tuned: dict[str, "TunedEnv"], hosts: Sequ
         node.env = dict(t.env)
         if node.prefix and t.address:
             node.address = t.address
+
+
+# --------------------------------------------------------------------------- launch gate
+
+
+@dataclass
+class SmokeOutcome:
+    """What a multi-node launch does after the smoke test."""
+
+    nodes: list[Node]
+    """The nodes to launch on (all of them, or without the excluded ones)."""
+    excluded: list[str] = field(default_factory=list)
+    message: str = ""
+    bisect: object = None  # aitrain.fabric.smoke.BisectResult | None
+
+
+def decide_after_smoke(nodes: Sequence[Node], report: SmokeReport, *, exclude_bad_nodes: bool = False,
+                       min_nodes: int = 1) -> SmokeOutcome:
+    """Go on with every node, go on without the proven-bad ones, or raise
+    :class:`FabricError` naming them. Pure: the runs are done by :func:`smoke_test`."""
+    if report.ok:
+        return SmokeOutcome(nodes=list(nodes), message=report.describe())
+    described = report.describe()
+    bad = report.bad
+    if bad and not report.unresolved and exclude_bad_nodes:
+        keep = [n for n in nodes if n.name not in bad]
+        if len(keep) >= max(1, min_nodes):
+            return SmokeOutcome(nodes=keep, excluded=bad, bisect=report.bisect,
+                                message=f"{described}; launching on the other {len(keep)} node(s) "
+                                        f"(fabric.exclude_bad_nodes=true)")
+        raise FabricError(f"{described}; only {len(keep)} node(s) left, the job needs {min_nodes}",
+                          f"fix or drain {', '.join(bad)} and launch again")
+    names = ", ".join(bad or report.suspects) or "the nodes named above"
+    raise FabricError(f"the smoke test failed: {described}",
+                      f"fix or drain {names} (`aitrain fabric check` on it), or launch with "
+                      f"fabric.exclude_bad_nodes=true to leave proven-bad nodes out")
+
+
+def smoke_gate(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeout: float = 30.0,
+               exclude_bad_nodes: bool = False, nproc_per_node: int = 1, min_nodes: int = 1) -> SmokeOutcome:
+    """The pre-launch smoke test for a multi-node job: smoke, bisect on failure, decide."""
+    report = smoke_test(nodes, run_dir, timeout=timeout, nproc_per_node=nproc_per_node)
+    return decide_after_smoke(nodes, report, exclude_bad_nodes=exclude_bad_nodes, min_nodes=min_nodes)

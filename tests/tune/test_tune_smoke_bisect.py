@@ -88,3 +88,56 @@ def test_initial_result_is_not_rerun():
 def test_runner_must_answer_every_group():
     with pytest.raises(ValueError):
         find_bad_nodes(nodes(4), lambda groups: [False], initial_passed=False)
+
+
+# --------------------------------------------------------------------------- the launch gate
+
+
+def _gate(bad=(), suspects=(), ok=False, exclude=False, min_nodes=1, precheck=None, flaky=False):
+    from aitrain.fabric.smoke import BisectResult
+    from aitrain.launcher.fabric_nodes import Node, NodesRun, SmokeReport, decide_after_smoke
+
+    nodes = [Node(name=n) for n in nodes_list]
+    report = SmokeReport(nodes=list(nodes_list), precheck=dict(precheck or {}))
+    rest = [n for n in nodes_list if n not in report.precheck]
+    report.full = NodesRun(nodes=rest, ok=ok or (not bad and not suspects and not flaky))
+    if not report.full.ok:
+        report.bisect = BisectResult(nodes=rest, bad=list(bad), suspects=list(suspects), flaky=flaky)
+    return decide_after_smoke(nodes, report, exclude_bad_nodes=exclude, min_nodes=min_nodes)
+
+
+nodes_list = ["n1", "n2", "n3", "n4"]
+
+
+def test_gate_passes_every_node_when_the_smoke_passes():
+    out = _gate(ok=True)
+    assert [n.name for n in out.nodes] == nodes_list and not out.excluded
+
+
+def test_gate_names_the_bad_node_and_stops():
+    from aitrain.errors import FabricError
+
+    with pytest.raises(FabricError, match="n3") as e:
+        _gate(bad=["n3"])
+    assert "exclude_bad_nodes" in str(e.value)
+
+
+def test_gate_excludes_proven_bad_nodes_when_asked():
+    out = _gate(bad=["n3"], exclude=True)
+    assert [n.name for n in out.nodes] == ["n1", "n2", "n4"] and out.excluded == ["n3"]
+
+
+def test_gate_excludes_a_node_whose_interface_is_down():
+    out = _gate(precheck={"n2": "interface fab0 is down on n2"}, exclude=True)
+    assert out.excluded == ["n2"] and "fab0 is down" in out.message
+
+
+def test_gate_never_excludes_on_a_guess():
+    from aitrain.errors import FabricError
+
+    with pytest.raises(FabricError, match="could not tell apart"):
+        _gate(suspects=["n1", "n2"], exclude=True)
+    with pytest.raises(FabricError, match="needs 4"):
+        _gate(bad=["n3"], exclude=True, min_nodes=4)
+    with pytest.raises(FabricError, match="each passed with others"):
+        _gate(flaky=True, exclude=True)
