@@ -199,11 +199,15 @@ class Tracker:
     def finish(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
         """Send what is left, upload logs and end the run with ``status`` (FINISHED/FAILED/KILLED).
 
-        Returns True when everything reached MLflow; otherwise says how to replay it later."""
+        Returns True when everything reached MLflow; otherwise says how to replay it later.
+        Never raises: the job's own result matters more than its record."""
         self.state["status"] = status
         self.state["end_time"] = self.state.get("end_time") or time.time()
         self._finished_at = time.monotonic()
-        self._save_state()
+        try:
+            self._save_state()
+        except Exception as e:  # the thread saves it again; a full disk must not hide the job's result
+            log.warning("could not save %s: %s", STATE_FILE, e)
         self._done.set()
         if self._thread.is_alive():
             self._thread.join(timeout if timeout is not None else self.drain_timeout_s + 30)
@@ -246,11 +250,11 @@ class Tracker:
     # -- the thread -------------------------------------------------------------------
 
     def _save_state(self) -> None:
-        with self._lock:
+        with self._lock:  # also serialises the writers (the launch thread and the tracker thread)
             data = json.dumps(self.state, indent=1, sort_keys=True)
-        tmp = self.run_dir / (STATE_FILE + ".tmp")
-        tmp.write_text(data)
-        tmp.replace(self.run_dir / STATE_FILE)
+            tmp = self.run_dir / (STATE_FILE + ".tmp")
+            tmp.write_text(data)
+            tmp.replace(self.run_dir / STATE_FILE)
 
     def _started_training(self) -> bool:
         if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
@@ -405,7 +409,8 @@ class Tracker:
         if self.state["uploaded"].get(key) == mtime:
             return
         self._attempt(f"artifact {key}", client.log_artifact, run_id, str(path), artifact_path)
-        self.state["uploaded"][key] = mtime  # sent, or refused for good (see tracking-rejected.jsonl)
+        with self._lock:
+            self.state["uploaded"][key] = mtime  # sent, or refused for good (see tracking-rejected.jsonl)
         self._save_state()
 
     def _upload_documents(self, client: Any, run_id: str) -> None:
