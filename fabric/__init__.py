@@ -6,6 +6,7 @@ Topology in, findings and env out: this package imports nothing from
 - ``probe(sysfs_root="/sys", proc_root="/proc", ...) -> HostTopology``
 - ``check(cluster, *, expected_rate_gbps=None, rendezvous=None) -> list[Finding]``
 - ``preflight(...)``: probe + check with a per-host cache, for ``aitrain launch``
+- ``tune(cluster, *, rendezvous=None, nccl_version=None, user_env=None, ...) -> {host: TunedEnv}``
 """
 
 from aitrain.fabric.findings import Finding, Severity, has_errors, sort_findings
@@ -68,3 +69,19 @@ class _CallableProbePackage(type(probe)):  # type: ignore[misc]
 
 
 probe.__class__ = _CallableProbePackage
+
+from aitrain.fabric import tune  # noqa: E402  (the tuning module, made callable below)
+
+
+class _CallableTuneModule(type(tune)):  # type: ignore[misc]
+    """``aitrain.fabric.tune(cluster, ...)`` is ``aitrain.fabric.tune.tune``; the module
+    (``from aitrain.fabric.tune import TuneOptions``) stays what it is."""
+
+    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return self.tune(*args, **kwargs)
+
+    __call__.__doc__ = tune.tune.__doc__
+
+
+tune.__class__ = _CallableTuneModule
+__all__ += ["tune"]

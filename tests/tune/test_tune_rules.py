@@ -392,3 +392,12 @@ def test_to_dict_round_trip():
 
     t = tune([rig_host(1), rig_host(2)])["n1"]
     assert TunedEnv.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+
+
+def test_package_level_tune_is_callable():
+    import aitrain.fabric as fabric
+    from aitrain.fabric.tune import TuneOptions as Opts
+
+    tuned = fabric.tune([rig_host(1), rig_host(2)], options=Opts(nproc_per_node=2))
+    assert tuned["n1"].env["GLOO_SOCKET_IFNAME"] == "fab0"
+    assert fabric.tune.TunedEnv is type(tuned["n1"])
