@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from aitrain.fabric.topology import Cluster
-from aitrain.fabric.tune import TunedEnv, select_socket_interfaces, uses_nccl
+from aitrain.fabric.tune import TunedEnv, uses_nccl
 
 NOISE_MARGIN = 0.05  # a candidate must beat the best by 5% to replace it
 

@@ -38,7 +38,6 @@ from aitrain.fabric.topology import (
     RdmaDevice,
     RdmaPort,
     distance_rank,
-    lookup_route,
     pci_distance,
     PCI_SAME_ROOT_COMPLEX,
     PCI_SAME_SWITCH,
