@@ -237,18 +237,28 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
     Errors stop the launch unless fabric.on_error=warn; the rest is summarised in one line.
     """
     from aitrain.errors import FabricError
-    from aitrain.fabric.cache import preflight, summarize_errors
+    from aitrain.fabric.cache import FabricCache, summarize_errors
+    from aitrain.fabric.checks import CheckOptions
     from aitrain.fabric.findings import Severity, sort_findings
     from aitrain.fabric.host import HostPaths, check_host
+    from aitrain.fabric.topology import Cluster
+    from aitrain.launcher.tracking import record_phase
 
     if job.fabric.on_error not in ("fail", "warn"):
         raise ConfigError(f"fabric.on_error={job.fabric.on_error!r} is not one of fail, warn",
                           "fabric.on_error=fail stops the launch on fabric errors; warn only reports them")
-    result = preflight(on_error="warn", expected_rate_gbps=job.fabric.expected_rate_gbps, rendezvous="127.0.0.1")
-    findings = sort_findings(list(result.findings) + check_host(HostPaths()))
+    cache = FabricCache()
+    t0 = time.perf_counter()
+    host, _ = cache.probe(rendezvous="127.0.0.1")
+    t1 = time.perf_counter()
+    cluster = Cluster(hosts=[host])
+    fabric_findings, _ = cache.check(cluster, CheckOptions(expected_rate_gbps=job.fabric.expected_rate_gbps,
+                                                           rendezvous="127.0.0.1"))
+    findings = sort_findings(list(fabric_findings) + check_host(HostPaths()))
+    record_phase(run_dir, "probe", t1 - t0)
+    record_phase(run_dir, "check", time.perf_counter() - t1)
     (run_dir / "preflight.json").write_text(json.dumps(
-        {"hosts": [h.to_dict() for h in result.cluster.hosts], "findings": [f.to_dict() for f in findings]},
-        indent=1))
+        {"hosts": [host.to_dict()], "findings": [f.to_dict() for f in findings]}, indent=1))
     errors = [f for f in findings if f.severity is Severity.ERROR]
     warnings = [f for f in findings if f.severity is Severity.WARNING]
     if errors and job.fabric.on_error != "warn":
@@ -258,7 +268,7 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
         print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) on this host "
               f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
               "aitrain host check", flush=True)
-    return findings, result.cluster.hosts[0] if result.cluster.hosts else None
+    return findings, host
 
 
 def _tune_local(job: JobConfig, spec: Any, host: Any) -> None:
@@ -268,13 +278,17 @@ def _tune_local(job: JobConfig, spec: Any, host: Any) -> None:
     from aitrain.fabric import probe
     from aitrain.fabric.tune import TuneOptions, tune
 
+    from aitrain.launcher.tracking import record_phase
+
+    t0 = time.perf_counter()
     if host is None:
         host = probe()
-    opts = TuneOptions(interface=job.fabric.interface, nproc_per_node=job.nproc_per_node, multi_host=False,
-                       backend=job.dist_backend)
+    opts = TuneOptions.from_config(job.fabric, nproc_per_node=job.nproc_per_node, multi_host=False,
+                                   dist_backend=job.dist_backend, trace_dir=str(spec.run_dir))
     tuned = next(iter(tune(host, nccl_version=job.fabric.nccl_version, user_env=dict(job.fabric.env),
-                           shell_env=os.environ, options=opts).values()))
+                           shell_env=os.environ, options=opts, profile=job.fabric.profile).values()))
     spec.topology = host.to_dict()
+    record_phase(spec.run_dir, "tune", time.perf_counter() - t0)
     for key, value in tuned.env.items():
         spec.env[key] = value
         why = tuned.reasons.get(key, "")

@@ -16,6 +16,7 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import sys
@@ -115,7 +116,10 @@ def train(cfg: JobConfig) -> float:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 or "MASTER_ADDR" in os.environ:
-        dist.init_process_group(resolve_dist_backend(cfg.dist_backend, device))
+        # The tuned timeout (fabric.collective_timeout_s): NCCL_IB_TIMEOUT/RETRY_CNT are fitted inside it.
+        timeout = float(os.environ.get("AITRAIN_COLLECTIVE_TIMEOUT_S", "600"))
+        dist.init_process_group(resolve_dist_backend(cfg.dist_backend, device),
+                                timeout=datetime.timedelta(seconds=timeout))
         progress.mark("pg_init")
 
     plan = check_job(cfg, world)

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 NETNS_DIR = "/var/run/netns"
 
@@ -125,6 +126,10 @@ class Rig:
                             "burst", "64kb", "latency", "50ms"]
                         subprocess.run(cmd, check=True, capture_output=True, text=True)
             _ip("-n", h.name, "route", "add", "default", "dev", h.mgmt_if)
+            # The namespaces share /etc/resolv.conf but cannot reach its nameservers: make
+            # lookups (c10d reverse-resolves every client) fail at once instead of timing out.
+            for ns in nameservers():
+                _ip("-n", h.name, "route", "replace", "unreachable", f"{ns}/32", check=False)
             self.hosts.append(h)
         return self
 
@@ -150,6 +155,16 @@ class Rig:
         return {"name": self.name, "mgmt_bridge": self.mgmt_bridge, "fabric_bridge": self.fabric_bridge,
                 "controller_address": self.controller_address if self.controller_ip else None,
                 "hosts": [asdict(h) for h in self.hosts]}
+
+
+def nameservers(resolv: str = "/etc/resolv.conf") -> list[str]:
+    """IPv4 nameservers of this machine (shared by every rig namespace)."""
+    try:
+        lines = Path(resolv).read_text().splitlines()
+    except OSError:
+        return []
+    return [ln.split()[1] for ln in lines if ln.startswith("nameserver") and len(ln.split()) > 1
+            and "." in ln.split()[1]]
 
 
 def _kill_netns_processes(ns: str) -> None:

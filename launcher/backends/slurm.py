@@ -346,7 +346,14 @@ class SlurmBackend:
                                "logs live in <run dir>/slurm-<jobid>.out; was it submitted from this account?")
         _, jobid = parse_handle(handle)
         path = Path(st.run_dir) / f"slurm-{jobid}.out"
-        prefix = None if rank is None else f"[rank{rank}]:"
+        prefix = None
+        if rank is not None:
+            # The rank's own full log (the job's output folds lines repeated across ranks).
+            own = sorted(Path(st.run_dir, "logs").glob(f"*/rank{rank}.log"))
+            if own:
+                path = own[0]
+            else:
+                prefix = f"[rank{rank}]:"
         offset = 0
         while True:
             if path.exists():
@@ -410,6 +417,7 @@ class SlurmBackend:
 
     def _agent_requests(self, spec: JobSpec, slurm: SlurmEnvironment, *, rendezvous: str, port: int,
                         node_env: dict[str, dict[str, str]]) -> list[AgentRequest]:
+        from aitrain.launcher.node.services import services_options
         from aitrain.launcher.resources import plan_node
         from aitrain.launcher.supervise import trampoline_argv
 
@@ -437,6 +445,7 @@ class SlurmBackend:
                 nnodes=slurm.nnodes,
                 node_rank=i,
                 resources=resources,
+                services=services_options(spec),
             ))
         return reqs
 
@@ -445,10 +454,19 @@ class SlurmBackend:
         spec, slurm = req.spec, req.slurm
         marker = spec.run_dir / PREEMPTED_MARKER
         marker.unlink(missing_ok=True)
+        from aitrain.launcher.tracking import record_phase
+
         cfg = spec.config
+        self._record_queue_wait(slurm, spec.run_dir)
+        t0 = time.perf_counter()
         cluster = cluster_of(self.probe_nodes(spec, slurm), slurm.nodes)
+        t1 = time.perf_counter()
         self._check(cluster, cfg, spec.run_dir)
-        rendezvous, node_env, reasons = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node)
+        t2 = time.perf_counter()
+        rendezvous, node_env, reasons = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node,
+                                                   trace_dir=str(spec.run_dir))
+        for name, seconds in (("probe", t1 - t0), ("check", t2 - t1), ("tune", time.perf_counter() - t2)):
+            record_phase(spec.run_dir, name, seconds)
         spec.env_reasons.update(reasons)
         port = _free_port(rendezvous)
         agents = self._agent_requests(spec, slurm, rendezvous=rendezvous, port=port, node_env=node_env)
@@ -491,6 +509,20 @@ class SlurmBackend:
         (run_dir / "preflight.json").write_text(json.dumps(
             {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in result.findings]},
             indent=1))
+
+    def _record_queue_wait(self, slurm: SlurmEnvironment, run_dir: Path) -> None:
+        """phase/queue_wait_s: from submission to the start of this attempt (scontrol's times)."""
+        from datetime import datetime
+
+        from aitrain.launcher.tracking import record_phase
+
+        job = self._show_job(slurm.job_id)
+        try:
+            submit = datetime.fromisoformat(job["SubmitTime"])
+            start = datetime.fromisoformat(job["StartTime"])
+        except (KeyError, ValueError):
+            return
+        record_phase(run_dir, "queue_wait", max(0.0, (start - submit).total_seconds()))
 
     def _check_requeue_allowed(self, slurm: SlurmEnvironment) -> None:
         if slurm.restart_count >= self.opts.max_requeues:
@@ -555,16 +587,17 @@ def cluster_of(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]) -> Any:
     return Cluster(hosts=topo)
 
 
-def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int
+def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int, trace_dir: str | None = None
                ) -> tuple[str, dict[str, dict[str, str]], dict[str, str]]:
     """Rendezvous address (node 0's address on the tuned interface) + per-node env and reasons."""
     from aitrain.fabric.tune import TuneOptions, tune
 
     fabric = cfg.fabric if cfg is not None else None
-    opts = TuneOptions(interface=getattr(fabric, "interface", None), nproc_per_node=nproc_per_node,
-                       multi_host=len(nodes) > 1, backend=getattr(cfg, "dist_backend", "auto"))
+    opts = TuneOptions.from_config(fabric, nproc_per_node=nproc_per_node, multi_host=len(nodes) > 1,
+                                   dist_backend=getattr(cfg, "dist_backend", "auto"), trace_dir=trace_dir)
     tuned = tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
-                 user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts)
+                 user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
+                 profile=getattr(fabric, "profile", "auto"))
     address = tuned[nodes[0]].address
     if not address:
         raise BackendError(f"no usable interface with an address on {nodes[0]} for the rendezvous",

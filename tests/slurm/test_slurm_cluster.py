@@ -100,6 +100,10 @@ def test_two_node_job_from_a_login_node(strategy: str, tmp_path: Path, env: dict
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
     losses = client.get_metric_history(runs[0].info.run_id, "loss")
     assert len(losses) == 10
+    metrics = runs[0].data.metrics
+    for phase in ("queue_wait", "probe", "check", "tune"):
+        assert f"phase/{phase}_s" in metrics, sorted(metrics)
+    assert runs[0].data.tags["nodes"] == "node1,node2"
     # The rendezvous address is an interface address, never the hostname (which is 127.0.0.1 here).
     agents = json.loads((Path(st["run_dir"]) / "agents.json").read_text())
     assert agents[0]["master_addr"].startswith("10.217.")
@@ -127,6 +131,8 @@ def test_status_logs_and_cancel(tmp_path: Path, env: dict[str, str]) -> None:
             break
         time.sleep(1)
     assert "step 5/" in logs
+    rank1 = aitrain(["logs", handle, "--rank", "1"], tmp_path, env).stdout
+    assert rank1.strip() and "step 5/" not in rank1  # rank 1's own output (rank 0 prints progress)
     st = json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)
     assert st["state"] == "RUNNING" and "node" in st["nodes"]
     assert "cancelled" in aitrain(["cancel", handle], tmp_path, env).stdout
