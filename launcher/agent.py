@@ -299,11 +299,18 @@ def _install_preemption_forwarding() -> None:
 
 
 def _slurm_request(path: str) -> AgentRequest:
-    """This node's request from a file holding one request per node (by SLURM_NODEID)."""
+    """This node's request from a file holding one request per node: by node name
+    (SLURMD_NODENAME; robust when some nodes of the allocation were left out), else by
+    SLURM_NODEID."""
     reqs = json.loads(Path(path).read_text())
+    name = os.environ.get("SLURMD_NODENAME")
+    for r in reqs:
+        if name and r.get("env", {}).get("AITRAIN_NODE") == name:
+            return AgentRequest(**r)
     node_rank = int(os.environ.get("SLURM_NODEID", "0"))
     if not 0 <= node_rank < len(reqs):
-        raise SystemExit(f"aitrain.agent: SLURM_NODEID={node_rank} but {path} has {len(reqs)} node requests")
+        raise SystemExit(f"aitrain.agent: node {name or node_rank} has no entry among the {len(reqs)} "
+                         f"node requests in {path}")
     return AgentRequest(**reqs[node_rank])
 
 

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -463,11 +463,17 @@ class SlurmBackend:
         t1 = time.perf_counter()
         self._check(cluster, cfg, spec.run_dir)
         t2 = time.perf_counter()
-        rendezvous, node_env, reasons = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node,
-                                                   trace_dir=str(spec.run_dir))
+        tuning = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node, trace_dir=str(spec.run_dir))
         for name, seconds in (("probe", t1 - t0), ("check", t2 - t1), ("tune", time.perf_counter() - t2)):
             record_phase(spec.run_dir, name, seconds)
-        spec.env_reasons.update(reasons)
+        spec.env_reasons.update(tuning.reasons)
+        node_env = tuning.env
+        nodes = self._smoke_gate(spec, slurm, tuning)
+        rendezvous = tuning.addresses[nodes[0]]
+        if nodes != list(slurm.nodes):  # bad nodes were left out (fabric.exclude_bad_nodes=true)
+            slurm = replace(slurm, nodes=tuple(nodes))
+            spec.nnodes = len(nodes)
+            req.srun = self._srun(slurm, [f"--nodelist={','.join(nodes)}"]) + req.srun[len(self._srun(req.slurm)):]
         port = _free_port(rendezvous)
         agents = self._agent_requests(spec, slurm, rendezvous=rendezvous, port=port, node_env=node_env)
         agents_file = spec.run_dir / "agents.json"
@@ -509,6 +515,28 @@ class SlurmBackend:
         (run_dir / "preflight.json").write_text(json.dumps(
             {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in result.findings]},
             indent=1))
+
+    def _smoke_gate(self, spec: JobSpec, slurm: SlurmEnvironment, tuning: NodeTuning) -> list[str]:
+        """A short all_reduce over every node with its tuned env before the job; on failure
+        bisection names the bad nodes (fabric.smoke, smoke_timeout_s, exclude_bad_nodes)."""
+        from aitrain.launcher.fabric_nodes import Node, smoke_gate
+        from aitrain.launcher.tracking import record_phase
+
+        fabric = getattr(spec.config, "fabric", None)
+        nodes = list(slurm.nodes)
+        if len(nodes) < 2 or (fabric is not None and not fabric.smoke):
+            return nodes
+        t0 = time.perf_counter()
+        gate = [Node(name=n, address=tuning.addresses.get(n) or None, env=tuning.env.get(n, {}),
+                     prefix=["srun", "--nodes=1", "--ntasks=1", f"--nodelist={n}", "--overlap", "--quiet",
+                             "--job-name=aitrain-smoke"]) for n in nodes]
+        outcome = smoke_gate(gate, spec.run_dir / "smoke",
+                             timeout=getattr(fabric, "smoke_timeout_s", 30.0),
+                             exclude_bad_nodes=getattr(fabric, "exclude_bad_nodes", False), min_nodes=1)
+        record_phase(spec.run_dir, "smoke_test", time.perf_counter() - t0)
+        if outcome.excluded:
+            print(f"aitrain: {outcome.message}", flush=True)
+        return [n.name for n in outcome.nodes]
 
     def _record_queue_wait(self, slurm: SlurmEnvironment, run_dir: Path) -> None:
         """phase/queue_wait_s: from submission to the start of this attempt (scontrol's times)."""
@@ -567,9 +595,16 @@ class SlurmBackend:
 
 
 def _free_port(addr: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((addr, 0))
-        return int(s.getsockname()[1])
+    """A free port on the rendezvous address when it is this host's (the batch script runs on
+    the first node), else a random high port (the first node was excluded)."""
+    import random
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((addr, 0))
+            return int(s.getsockname()[1])
+    except OSError:
+        return random.randint(20000, 45000)
 
 
 def cluster_of(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]) -> Any:
@@ -587,9 +622,18 @@ def cluster_of(hosts: dict[str, dict[str, Any]], nodes: Sequence[str]) -> Any:
     return Cluster(hosts=topo)
 
 
+@dataclass
+class NodeTuning:
+    """Per-node tuned env, each node's address on its tuned interface, and the reasons."""
+
+    env: dict[str, dict[str, str]]
+    addresses: dict[str, str]
+    reasons: dict[str, str]
+
+
 def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int, trace_dir: str | None = None
-               ) -> tuple[str, dict[str, dict[str, str]], dict[str, str]]:
-    """Rendezvous address (node 0's address on the tuned interface) + per-node env and reasons."""
+               ) -> NodeTuning:
+    """Tuned env per node; the rendezvous is node 0's address on its tuned interface."""
     from aitrain.fabric.tune import TuneOptions, tune
 
     fabric = cfg.fabric if cfg is not None else None
@@ -598,16 +642,15 @@ def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int
     tuned = tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
                  user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
                  profile=getattr(fabric, "profile", "auto"))
-    address = tuned[nodes[0]].address
-    if not address:
+    if not tuned[nodes[0]].address:
         raise BackendError(f"no usable interface with an address on {nodes[0]} for the rendezvous",
                            "check `aitrain fabric probe` on that node, or set fabric.interface=<name>")
-    node_env = {n: dict(tuned[n].env) for n in nodes}
     reasons: dict[str, str] = {}
     for n in nodes:
         for k, why in tuned[n].reasons.items():
             reasons.setdefault(k, f"{n}: {why}")
-    return address, node_env, reasons
+    return NodeTuning(env={n: dict(tuned[n].env) for n in nodes},
+                      addresses={n: tuned[n].address or "" for n in nodes}, reasons=reasons)
 
 
 # Errors a rank raises because a peer died first: collateral, not the root cause.

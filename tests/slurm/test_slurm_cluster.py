@@ -101,7 +101,7 @@ def test_two_node_job_from_a_login_node(strategy: str, tmp_path: Path, env: dict
     losses = client.get_metric_history(runs[0].info.run_id, "loss")
     assert len(losses) == 10
     metrics = runs[0].data.metrics
-    for phase in ("queue_wait", "probe", "check", "tune"):
+    for phase in ("queue_wait", "probe", "check", "tune", "smoke_test"):
         assert f"phase/{phase}_s" in metrics, sorted(metrics)
     assert runs[0].data.tags["nodes"] == "node1,node2"
     # The rendezvous address is an interface address, never the hostname (which is 127.0.0.1 here).
@@ -208,3 +208,28 @@ def test_max_requeues_stops_requeueing(tmp_path: Path, env: dict[str, str]) -> N
     st = wait_done(handle, tmp_path, env, timeout=200)
     assert st["state"] == "FAILED" and st["restarts"] == 0
     assert "max_requeues=0 reached" in job_output(st)
+
+
+def test_smoke_gate_names_a_silently_broken_node_and_launches_without_it(tmp_path: Path) -> None:
+    """node3's fabric interface is up (so the probe and tune see nothing wrong) but its
+    cable is out: the smoke all_reduce fails, bisection names node3, and with
+    fabric.exclude_bad_nodes=true the job runs on node1 and node2."""
+    c = slurm_cluster.SlurmCluster(nodes=3, name="aitsm3", base=222)
+    try:
+        c.up()
+        subprocess.run(["ip", "link", "set", "aitsm33f", "nomaster"], check=True)  # unplug node3's fabric
+        env = dict(os.environ, **c.env(), XDG_STATE_HOME=str(tmp_path / "state"))
+        env.pop("MLFLOW_TRACKING_URI", None)
+        r = aitrain(["launch", "backend=slurm", "nnodes=3", "train.steps=3", "fabric.exclude_bad_nodes=true",
+                     "fabric.smoke_timeout_s=10", "train.global_batch_size=12",
+                     *[o for o in TINY if not o.startswith("train.global_batch_size")]], tmp_path, env)
+        assert r.returncode == 0, r.stderr
+        handle = next(w for w in r.stdout.split() if w.startswith("slurm://"))
+        st = wait_done(handle, tmp_path, env, timeout=300)
+        out = job_output(st)
+        assert st["state"] == "COMPLETED", out[-3000:]
+        assert "node3" in out and "launching on the other 2 node(s)" in out
+        runs, _ = mlflow_runs(tmp_path)
+        assert runs[0].data.tags["world_size"] == "2" or "node3" not in runs[0].data.tags.get("nodes", "")
+    finally:
+        c.down()
