@@ -50,17 +50,10 @@ def parse_ranks(spec: str | int | None) -> set[int] | None:
 
 
 def compact_ranks(ranks: list[int] | set[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    out: list[str] = []
-    values = sorted(set(ranks))
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    return ",".join(out)
+    """[0, 1, 2, 5] -> '0-2,5' (the kernel's cpulist notation)."""
+    from aitrain.fabric.host.cpus import format_cpulist
+
+    return format_cpulist(list(ranks))
 
 
 @dataclass

@@ -75,6 +75,16 @@ def wait_done(handle: str, cwd: Path, env: dict[str, str], timeout: float = 300)
     raise AssertionError(f"{handle} did not finish in {timeout}s: {st}")
 
 
+def wait_for_log(handle: str, text: str, cwd: Path, env: dict[str, str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    logs = ""
+    while time.monotonic() < deadline and text not in logs:
+        time.sleep(1)
+        logs = aitrain(["logs", handle], cwd, env).stdout
+    assert text in logs, logs[-2000:]
+    return logs
+
+
 def mlflow_runs(root: Path) -> list:
     from mlflow.tracking import MlflowClient
 
@@ -124,13 +134,7 @@ def test_wrapper_script_with_sbatch(tmp_path: Path, env: dict[str, str]) -> None
 
 def test_status_logs_and_cancel(tmp_path: Path, env: dict[str, str]) -> None:
     handle = submit(["train.steps=100000", *TINY], tmp_path, env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        logs = aitrain(["logs", handle], tmp_path, env).stdout
-        if "step 5/" in logs:
-            break
-        time.sleep(1)
-    assert "step 5/" in logs
+    wait_for_log(handle, "step 5/", tmp_path, env)
     rank1 = aitrain(["logs", handle, "--rank", "1"], tmp_path, env).stdout
     assert rank1.strip() and "step 5/" not in rank1  # rank 1's own output (rank 0 prints progress)
     st = json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)
@@ -173,12 +177,7 @@ def test_override_with_shell_metacharacters_arrives_unchanged(tmp_path: Path, en
 def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, str]) -> None:
     handle = submit(["train.steps=400", "train.log_every=1", *TINY], tmp_path, env)
     jobid = handle.rsplit("/", 1)[1]
-    deadline = time.monotonic() + 120
-    logs = ""
-    while time.monotonic() < deadline and "step 20/" not in logs:
-        time.sleep(1)
-        logs = aitrain(["logs", handle], tmp_path, env).stdout
-    assert "step 20/" in logs, logs[-2000:]
+    wait_for_log(handle, "step 20/", tmp_path, env)
     # What Slurm does before the time limit (--signal=USR1@120): signal every job step.
     subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
     st = wait_done(handle, tmp_path, env, timeout=400)
@@ -199,11 +198,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, 
 def test_max_requeues_stops_requeueing(tmp_path: Path, env: dict[str, str]) -> None:
     handle = submit(["train.steps=400", "train.log_every=1", "backend.max_requeues=0", *TINY], tmp_path, env)
     jobid = handle.rsplit("/", 1)[1]
-    deadline = time.monotonic() + 120
-    logs = ""
-    while time.monotonic() < deadline and "step 10/" not in logs:
-        time.sleep(1)
-        logs = aitrain(["logs", handle], tmp_path, env).stdout
+    wait_for_log(handle, "step 10/", tmp_path, env)
     subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
     st = wait_done(handle, tmp_path, env, timeout=200)
     assert st["state"] == "FAILED" and st["restarts"] == 0
