@@ -1,7 +1,7 @@
 """Temporary proc/sys trees shaped like a stock (untuned) two-socket GPU host.
 
 Test modules import ``make_host`` from here (not from a conftest.py, which would
-shadow ``tests/conftest.py`` for ``from conftest import ...`` elsewhere).
+shadow ``tests/conftest.py`` for ``from aitrain_testing import ...`` elsewhere).
 """
 
 from __future__ import annotations

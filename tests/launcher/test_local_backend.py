@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, aitrain_argv, run_aitrain
+from aitrain_testing import REPO, aitrain_argv, run_aitrain
 
 FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
 pytestmark = pytest.mark.timeout(300)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_aitrain
+from aitrain_testing import REPO, run_aitrain
 
 JOB = REPO / "tests" / "scripts" / "progress_job.py"
 HOST = os.uname().nodename

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import REPO, aitrain_argv
+from aitrain_testing import REPO, aitrain_argv
 
 JOB = REPO / "tests" / "scripts" / "progress_job.py"
 HOST = os.uname().nodename

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, aitrain_argv, run_aitrain
+from aitrain_testing import REPO, aitrain_argv, run_aitrain
 
 from aitrain.launcher.resources import CgroupUnavailable, JobCgroup, find_cgroups
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, aitrain_argv
+from aitrain_testing import REPO, aitrain_argv
 
 sys.path.insert(0, str(REPO / "scripts"))
 import slurm_cluster  # noqa: E402

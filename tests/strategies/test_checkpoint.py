@@ -13,7 +13,7 @@ import torch
 
 from aitrain.errors import ConfigError
 from aitrain.strategies import checkpoint as ckpt
-from conftest import run_aitrain
+from aitrain_testing import run_aitrain
 from losses_reference import reference_losses, run_losses, tiny_overrides
 
 HERE = Path(__file__).parent

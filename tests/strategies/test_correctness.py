@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_aitrain
+from aitrain_testing import run_aitrain
 from losses_reference import reference_losses, run_losses, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aitrain.strategies import checkpoint as ckpt
-from conftest import run_aitrain
+from aitrain_testing import run_aitrain
 from losses_reference import tiny_overrides
 
 HERE = Path(__file__).parent
