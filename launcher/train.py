@@ -146,6 +146,9 @@ def train(cfg: JobConfig) -> float:
         if rank == 0:
             print(f"aitrain: resumed from {resume_from} (step {start}, saved by {info.get('strategy', '?')} on "
                   f"{info.get('world_size', '?')} rank(s))", flush=True)
+        if start >= cfg.train.steps and rank == 0:
+            print(f"aitrain: the checkpoint is at step {start}, train.steps={cfg.train.steps}: nothing left to train",
+                  flush=True)
     elif cfg.resume == "auto" and rank == 0:
         print(f"aitrain: resume=auto found no complete checkpoint under {root}; starting fresh", flush=True)
     if rank == 0:

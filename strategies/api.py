@@ -153,7 +153,7 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
                           "multiple of train.grad_accum")
     xs, ys = inputs.tensor_split(grad_accum), targets.tensor_split(grad_accum)
     if isinstance(model, PipelineModule):
-        micro = model.schedule._n_microbatches
+        micro = ctx.options.pp_microbatches if ctx is not None else model.schedule._n_microbatches
         if (n // grad_accum) % micro:
             raise ConfigError(f"this rank's micro-step batch of {n // grad_accum} sequences does not split into "
                               f"pp.microbatches={micro} equal micro-batches",

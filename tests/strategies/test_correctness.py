@@ -81,3 +81,8 @@ def test_bf16_trains_close_to_fp32(tmp_path: Path, strategy: str) -> None:
     losses = launch(tmp_path, strategy, 2, "strategy.mixed_precision=bf16")
     assert losses == pytest.approx(list(reference_losses(2)), rel=5e-3)
     assert losses != pytest.approx(list(reference_losses(2)), rel=1e-7, abs=0)  # really in bf16
+
+
+def test_compiled_blocks_match_single_process(tmp_path: Path) -> None:
+    # torch.compile (inductor on CPU) per transformer block, under FSDP2 on one rank.
+    assert_matches_reference(launch(tmp_path, "fsdp", 1, "strategy.compile=true"))
