@@ -23,6 +23,23 @@ __all__ = [
     "BackendError",
     "ConfigError",
     "FabricError",
+    "Job",
     "JobFailedError",
     "__version__",
+    "attach",
+    "submit",
 ]
+
+# Imported on first use: `import aitrain` stays free of ray, torch and hydra.
+_LAZY = {"submit": "aitrain.launcher.ray_submit", "attach": "aitrain.launcher.ray_submit",
+         "Job": "aitrain.launcher.ray_submit"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aitrain' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """``aitrain status|logs|cancel <handle>``: follow a submitted job by its handle.
 
 Handles look like ``slurm://<cluster>/<jobid>`` (what ``aitrain launch backend=slurm``
-prints); the scheme picks the backend.
+prints) or ``ray://<head>:<dashboard port>/<submission id>`` (``backend=ray`` with a Jobs
+API address, or ``aitrain.submit``); the scheme picks the backend.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ COMMANDS = ("status", "logs", "cancel")
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("status", help="state of a submitted job, and which node/rank failed",
                        description="Show a submitted job's state, nodes, restarts and failures.")
-    p.add_argument("handle", help="job handle, e.g. slurm://cluster/1234")
+    p.add_argument("handle", help="job handle, e.g. slurm://cluster/1234 or ray://head:8265/raysubmit_abc")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = sub.add_parser("logs", help="a submitted job's output (all ranks, or one)",
                        description="Print a submitted job's output; --follow keeps printing until it ends.")
@@ -37,8 +38,13 @@ def backend_for(handle: str) -> Any:
         from aitrain.launcher.backends.slurm import SlurmBackend
 
         return SlurmBackend()
+    if scheme == "ray" or handle.startswith("raysubmit_"):
+        from aitrain.launcher.backends.ray import RayBackend
+
+        return RayBackend()
     raise ConfigError(f"unknown job handle {handle!r}",
-                      "handles look like slurm://<cluster>/<jobid>, as printed by `aitrain launch`")
+                      "handles look like slurm://<cluster>/<jobid> or ray://<head>:8265/<submission id>, "
+                      "as printed by `aitrain launch`")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -220,12 +220,30 @@ class SlurmBackendConfig:
     srun_args: list[str] = field(default_factory=list)  # extra srun arguments for the agent step
 
 
+@dataclass
+class RayBackendConfig:
+    """Run on a Ray cluster: one actor per rank in a placement group (launcher/backends/ray.py)."""
+
+    name: str = "ray"
+    address: Optional[str] = None  # unset: RAY_ADDRESS, else a running local cluster, else a Ray started for this job; host:port | auto | ray://head:10001 (Ray client) | http://head:8265 (Jobs API: submit, print a handle)
+    placement: str = "spread"  # spread | pack | strict_spread | strict_pack: how the per-node bundles go on Ray nodes
+    cpus_per_worker: float = 1.0  # CPUs each rank's actor reserves
+    gpus_per_worker: float = 0.0  # GPUs each rank's actor reserves (a node's ranks all see that node's GPUs)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank, e.g. {accel_h100: 1}
+    max_failures: int = 0  # restarts of the whole group after a failure (the built-in job resumes from its latest checkpoint)
+    placement_timeout_s: float = 120.0  # seconds to wait for the placement group before giving up with the cluster's resources
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the job (env_vars, working_dir, pip, ...)
+    python: Optional[str] = None  # interpreter of the Jobs API entrypoint on the cluster (default: this one)
+    num_cpus: Optional[int] = None  # CPUs of the Ray instance aitrain starts when there is no cluster (default: enough for the job)
+
+
 # Schemas for the `backend` group: one per backend, so `backend.partition` is a
 # typo under `backend=local` and valid under `backend=slurm`.
-BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig, "slurm": SlurmBackendConfig}
+BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig, "slurm": SlurmBackendConfig,
+                                    "ray": RayBackendConfig}
 
 # Keys under these paths are free-form (maps of user values).
-FREE_FORM = ("fabric.env",)
+FREE_FORM = ("fabric.env", "backend.resources_per_worker", "backend.runtime_env")
 
 
 def register_configs() -> None:

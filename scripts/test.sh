@@ -9,7 +9,7 @@ VENV=${VENV:-.venv}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 echo "== installing aitrain and test extras into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 \
+"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[test,ray]' 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 
 # System packages the real-thing tests use. Only as root on Debian; otherwise those tests skip.

@@ -13,6 +13,7 @@ from aitrain.errors import ConfigError
 _BACKENDS = {
     "local": ("aitrain.launcher.backends.local", "LocalBackend"),
     "slurm": ("aitrain.launcher.backends.slurm", "SlurmBackend"),
+    "ray": ("aitrain.launcher.backends.ray", "RayBackend"),
 }
 
 

@@ -1,0 +1,554 @@
+"""The driver side of ``backend=ray``: one group of rank actors, from placement to teardown.
+
+One attempt of a job (:class:`RankGroup`):
+
+1. a placement group with one bundle per node (``nproc_per_node`` x the per-worker
+   resources), placed by ``backend.placement`` (spread | pack | strict_spread | strict_pack);
+2. one :class:`~aitrain.launcher.ray_worker.RankActor` per rank, ``nproc_per_node`` in
+   each node's bundle;
+3. the first actor on every Ray node probes that node's fabric (one Ray task per node);
+   ``fabric.check`` checks them and ``fabric.tune`` derives each node's env; the
+   rendezvous is node 0's address on its tuned interface (never a hostname: here it
+   resolves to 127.0.0.1 on every node);
+4. every actor starts its rank (torch.distributed env + node env + job env), and the
+   driver prints each rank's lines as ``[rank<N> <node>]: ...``;
+5. the first rank to fail (non-zero exit, or its actor/node died) takes the group
+   down: every rank is stopped, every actor killed, the placement group removed.
+
+``backend.max_failures`` restarts (see :mod:`aitrain.launcher.backends.ray`) build a
+new group; the built-in job resumes from its latest checkpoint (``resume=auto``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aitrain.errors import BackendError, JobFailedError
+from aitrain.launcher.node.logstream import Console, parse_ranks
+
+STRATEGIES = {"spread": "SPREAD", "pack": "PACK", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
+ACTOR_START_TIMEOUT_S = 180.0  # worker processes start, import aitrain, answer info()
+PROBE_TIMEOUT_S = 120.0
+# Errors a rank prints because a peer died first: collateral damage, not the root cause.
+COLLATERAL = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crashing|"
+                        r"killed by SIGTERM|killed by SIGKILL|interrupted by SIG|NCCL communicator was aborted|"
+                        r"Broken pipe|exited with code -15|exited with code -9", re.I)
+
+
+def node_name(node_rank: int) -> str:
+    return f"node{node_rank}"
+
+
+@dataclass(frozen=True)
+class RankSlot:
+    rank: int
+    node_rank: int
+    local_rank: int
+
+    @property
+    def node(self) -> str:
+        return node_name(self.node_rank)
+
+
+def rank_slots(nnodes: int, nproc_per_node: int) -> list[RankSlot]:
+    return [RankSlot(n * nproc_per_node + i, n, i) for n in range(nnodes) for i in range(nproc_per_node)]
+
+
+def worker_resources(opts: Any) -> dict[str, float]:
+    """Resources one rank's actor holds (Ray's names: CPU, GPU, custom)."""
+    res = {"CPU": float(opts.cpus_per_worker or 0), "GPU": float(opts.gpus_per_worker or 0)}
+    for k, v in (opts.resources_per_worker or {}).items():
+        res[str(k)] = float(v)
+    return {k: v for k, v in res.items() if v}
+
+
+def node_bundles(opts: Any, nnodes: int, nproc_per_node: int) -> list[dict[str, float]]:
+    per_worker = worker_resources(opts)
+    if not per_worker:
+        raise BackendError("backend.cpus_per_worker, gpus_per_worker and resources_per_worker are all 0: "
+                           "Ray cannot place a worker that asks for nothing",
+                           "give each worker at least a fraction of a CPU, e.g. backend.cpus_per_worker=0.5")
+    return [{k: v * nproc_per_node for k, v in per_worker.items()} for _ in range(nnodes)]
+
+
+class RankConsole(Console):
+    """The launcher's console: ``[rank<N> <node>]:`` prefixes, ``log.ranks`` and ``log.dedup``."""
+
+    def __init__(self, nodes: dict[int, str], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.nodes = nodes
+
+    def _emit(self, is_err: bool, prefix: str, text: str) -> None:
+        node = self.nodes.get(int(prefix)) if prefix.isdigit() else None
+        tag = f"rank{prefix} {node}" if node else f"rank{prefix}"
+        (self.err if is_err else self.out).write(f"[{tag}]:{text}\n")
+
+
+@dataclass
+class Failure:
+    rank: int
+    node: str
+    message: str
+    at: float
+    tail: list[str] = field(default_factory=list)
+
+    @property
+    def collateral(self) -> bool:
+        return bool(COLLATERAL.search(self.message + "\n" + "\n".join(self.tail[-5:])))
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RankGroup:
+    """One attempt: placement group, actors, probe and tune, ranks, output, teardown."""
+
+    def __init__(self, ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str],
+                 files: dict[str, str], cwd: str | None, out: Callable[[str], None] | None = None) -> None:
+        self.ray, self.spec, self.opts, self.attempt = ray, spec, opts, attempt
+        self.argv, self.files, self.cwd = argv, files, cwd
+        self.say = out or (lambda s: print(s, flush=True))
+        self.slots = rank_slots(spec.nnodes, spec.nproc_per_node)
+        self.pg: Any = None
+        self.actors: list[Any] = []
+        self.infos: list[dict[str, Any]] = []
+        self.rendezvous: tuple[str, int] | None = None
+        self.node_env: dict[int, dict[str, str]] = {}
+        self.tuned: dict[str, dict[str, Any]] = {}  # Ray node name -> interface, address, env
+
+    # -- 1. placement -------------------------------------------------------------------
+
+    def place(self) -> None:
+        from ray.util.placement_group import placement_group
+
+        bundles = node_bundles(self.opts, self.spec.nnodes, self.spec.nproc_per_node)
+        strategy = STRATEGIES[self.opts.placement]
+        self.pg = placement_group(bundles, strategy=strategy, name=f"{self.spec.name}-a{self.attempt}")
+        try:
+            self.ray.get(self.pg.ready(), timeout=self.opts.placement_timeout_s)
+        except self.ray.exceptions.GetTimeoutError:
+            raise BackendError(
+                f"Ray could not place {len(bundles)} node bundle(s) of {bundles[0]} ({strategy}) within "
+                f"{self.opts.placement_timeout_s:.0f}s; {self._cluster_summary()}",
+                "lower nproc_per_node or backend.cpus_per_worker/gpus_per_worker, add nodes, or use "
+                "backend.placement=pack (several job nodes may then share a Ray node)") from None
+
+    def _cluster_summary(self) -> str:
+        try:
+            alive = [n for n in self.ray.nodes() if n.get("Alive")]
+            total = self.ray.cluster_resources()
+            free = self.ray.available_resources()
+        except Exception:  # noqa: BLE001 - only for the message
+            return "the cluster's resources are unknown"
+        keys = sorted(k for k in total if not k.startswith(("node:", "memory", "object_store")))
+        return (f"the cluster has {len(alive)} node(s); resources free/total: "
+                + ", ".join(f"{k} {free.get(k, 0):g}/{total[k]:g}" for k in keys))
+
+    # -- 2. actors ------------------------------------------------------------------------
+
+    def start_actors(self) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from aitrain.launcher.ray_worker import RankActor
+
+        remote = self.ray.remote(RankActor)
+        res = worker_resources(self.opts)
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+        for s in self.slots:
+            self.actors.append(remote.options(
+                num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0), resources=custom or None,
+                max_concurrency=4, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=s.node_rank),
+            ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.spec.env)))
+        try:
+            self.infos = self.ray.get([a.info.remote() for a in self.actors], timeout=ACTOR_START_TIMEOUT_S)
+        except self.ray.exceptions.GetTimeoutError:
+            raise BackendError(f"the rank actors did not start within {ACTOR_START_TIMEOUT_S:.0f}s",
+                               "is the cluster overloaded? `ray status` shows pending work") from None
+        except self.ray.exceptions.RayError as e:
+            raise BackendError(f"the rank actors could not start on the cluster: {_first_line(e)}",
+                               "aitrain must be importable in the cluster's Python environment (install it "
+                               "on every node, or ship it with backend.runtime_env)") from e
+        try:  # the address Ray registered each node under (what `ray status` shows)
+            ips = {n["NodeID"]: n["NodeManagerAddress"] for n in self.ray.nodes()}
+        except Exception:  # noqa: BLE001
+            ips = {}
+        for info in self.infos:
+            info["node_ip"] = ips.get(info["node_id"], info["node_ip"])
+
+    # -- 3. probe, check, tune --------------------------------------------------------------
+
+    def physical_nodes(self) -> list[tuple[str, list[int]]]:
+        """Ray nodes in job order: (name, job node ranks on it). Named after their first job node."""
+        order: dict[str, list[int]] = {}
+        for s, info in zip(self.slots, self.infos):
+            ranks = order.setdefault(info["node_id"], [])
+            if s.node_rank not in ranks:
+                ranks.append(s.node_rank)
+        return [(node_name(ranks[0]), ranks) for ranks in order.values()]
+
+    def describe_nodes(self) -> str:
+        """``node0@10.0.0.1, node1@10.0.0.2``: each job node and the Ray node it landed on."""
+        ips: dict[str, str] = {}
+        for s, info in zip(self.slots, self.infos):
+            ips.setdefault(s.node, info["node_ip"])
+        return ", ".join(f"{n}@{ip}" for n, ip in ips.items())
+
+    def tune(self) -> None:
+        cfg = self.spec.config
+        fabric = getattr(cfg, "fabric", None)
+        phys = self.physical_nodes()
+        first_actor = {s.node_rank: i for i, s in reversed(list(enumerate(self.slots)))}
+        if fabric is not None and not (fabric.check or fabric.tune):
+            # No fabric work: rendezvous on the address Ray knows node 0 by.
+            self.rendezvous = (self.infos[0]["node_ip"], 0)
+            self.node_env = {}
+            return
+        from aitrain.fabric.topology import Cluster, HostTopology
+
+        from aitrain.launcher.tracking import record_phase
+
+        t0 = time.perf_counter()
+        refs = [self.actors[first_actor[ranks[0]]].probe.remote(name) for name, ranks in phys]
+        try:
+            docs = self.ray.get(refs, timeout=PROBE_TIMEOUT_S)
+        except self.ray.exceptions.RayError as e:
+            raise BackendError(f"the fabric probe failed on a Ray node: {_first_line(e)}",
+                               "run `aitrain fabric probe` on that node to see why") from e
+        hosts = []
+        for (name, _), doc in zip(phys, docs):
+            h = HostTopology.from_dict(doc)
+            h.hostname = name  # hostnames may all be the same (or resolve to 127.0.0.1)
+            hosts.append(h)
+        cluster = Cluster(hosts=hosts)
+        self._write_json("probe.json", {"hosts": [h.to_dict() for h in hosts]})
+        t1 = time.perf_counter()
+        if fabric is None or fabric.check:
+            self._check(cluster, fabric)
+        t2 = time.perf_counter()
+        ranks_per_host = max(len(r) for _, r in phys) * self.spec.nproc_per_node
+        tuned = self._tune(cluster, fabric, multi_host=len(phys) > 1, nproc=ranks_per_host)
+        for name, seconds in (("probe", t1 - t0), ("check", t2 - t1), ("tune", time.perf_counter() - t2)):
+            record_phase(self.spec.run_dir, name, seconds)
+        first = tuned[phys[0][0]]
+        address = first.address or self.infos[0]["node_ip"]
+        if not first.address:
+            self.say(f"aitrain: no tuned interface address on {phys[0][0]}; rendezvous on Ray's node address "
+                     f"{address}")
+        self.rendezvous = (address, 0)
+        tune_on = fabric is None or fabric.tune
+        self.tuned = {name: {"interface": tuned[name].interface, "address": tuned[name].address,
+                             "env": dict(tuned[name].env) if tune_on else {}} for name, _ in phys}
+        for name, ranks in phys:
+            for r in ranks:
+                self.node_env[r] = dict(tuned[name].env) if tune_on else {}
+        if tune_on:
+            for name, _ in phys:
+                for k, why in tuned[name].reasons.items():
+                    self.spec.env_reasons.setdefault(k, f"{name}: {why}")
+
+    def _check(self, cluster: Any, fabric: Any) -> None:
+        from aitrain.fabric.cache import preflight
+        from aitrain.fabric.findings import Severity
+
+        on_error = getattr(fabric, "on_error", "fail") if fabric is not None else "fail"
+        result = preflight(cluster.hosts, on_error=on_error,
+                           expected_rate_gbps=getattr(fabric, "expected_rate_gbps", None), use_cache=False)
+        self._write_json("preflight.json", {"hosts": [h.to_dict() for h in cluster.hosts],
+                                            "findings": [f.to_dict() for f in result.findings]})
+        errors = [f for f in result.findings if f.severity is Severity.ERROR]
+        if errors:
+            self.say(f"aitrain: fabric check: {len(errors)} error(s) ({', '.join(sorted({f.id for f in errors}))});"
+                     " fabric.on_error=warn lets the job start anyway")
+
+    def _tune(self, cluster: Any, fabric: Any, *, multi_host: bool, nproc: int) -> dict[str, Any]:
+        from aitrain.fabric.tune import TuneOptions, tune
+
+        cfg = self.spec.config
+        opts = TuneOptions.from_config(fabric, nproc_per_node=nproc, multi_host=multi_host,
+                                       dist_backend=getattr(cfg, "dist_backend", "auto"),
+                                       trace_dir=str(self.spec.run_dir))
+        return tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
+                    user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
+                    profile=getattr(fabric, "profile", "auto"))
+
+    # -- 4. ranks ---------------------------------------------------------------------------
+
+    def rank_env(self, s: RankSlot, port: int) -> dict[str, str]:
+        spec = self.spec
+        assert self.rendezvous is not None
+        env = dict(spec.env)
+        env.update(self.node_env.get(s.node_rank, {}))
+        for k, v in (getattr(spec.config, "fabric", None) and spec.config.fabric.env or {}).items():
+            env[str(k)] = str(v)  # fabric.env always wins
+        env.update(
+            RANK=str(s.rank), LOCAL_RANK=str(s.local_rank), WORLD_SIZE=str(spec.world_size),
+            LOCAL_WORLD_SIZE=str(spec.nproc_per_node), GROUP_RANK=str(s.node_rank), NODE_RANK=str(s.node_rank),
+            ROLE_RANK=str(s.rank), ROLE_WORLD_SIZE=str(spec.world_size),
+            MASTER_ADDR=self.rendezvous[0], MASTER_PORT=str(port),
+            TORCHELASTIC_RUN_ID=f"{spec.name}-a{self.attempt}", TORCHELASTIC_RESTART_COUNT=str(self.attempt),
+            TORCHELASTIC_MAX_RESTARTS=str(self.opts.max_failures),
+            AITRAIN_NODE=s.node, AITRAIN_RESTART_COUNT=str(self.attempt),
+        )
+        if self.opts.gpus_per_worker:
+            # Every rank of a node sees all of that node's GPUs (LOCAL_RANK picks one), as under
+            # torchrun; Ray would give each actor only its own, which breaks NCCL's P2P paths.
+            gpus = sorted({g for t, i in zip(self.slots, self.infos) if t.node_rank == s.node_rank
+                           for g in i["gpu_ids"]}, key=lambda g: (len(g), g))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+        return env
+
+    def start_ranks(self) -> None:
+        assert self.rendezvous is not None
+        addr, _ = self.rendezvous
+        port = self.ray.get(self.actors[0].free_port.remote(addr), timeout=60)
+        self.rendezvous = (addr, port)
+        refs = []
+        for s, a in zip(self.slots, self.actors):
+            log_file = self.spec.log_dir / s.node / f"rank{s.rank}.log"
+            refs.append(a.start.remote(self.argv, self.rank_env(s, port), str(log_file), self.cwd, self.files,
+                                       sys.executable))
+        try:
+            pids = self.ray.get(refs, timeout=120)
+        except self.ray.exceptions.RayError as e:
+            raise BackendError(f"a rank could not start: {_first_line(e)}",
+                               "check the rank program (script=...) and the cluster's Python environment") from e
+        rows = [{"rank": s.rank, "node": s.node, "node_rank": s.node_rank, "local_rank": s.local_rank,
+                 "ray_node_id": i["node_id"], "node_ip": i["node_ip"], "actor_id": i["actor_id"],
+                 "worker_pid": i["pid"], "rank_pid": pid, "attempt": self.attempt}
+                for s, i, pid in zip(self.slots, self.infos, pids)]
+        self._write_json("ray-ranks.json", {"rendezvous": f"{addr}:{port}", "attempt": self.attempt,
+                                            "ranks": rows, "placement_group": self.pg.id.hex(),
+                                            "tuned": self.tuned})
+
+    # -- 5. output and failures -----------------------------------------------------------------
+
+    def monitor(self) -> list[Failure]:
+        """Print every rank's lines until all ranks exit 0 (returns []) or one fails."""
+        cfg = self.spec.config
+        log = getattr(cfg, "log", None)
+        console = RankConsole({s.rank: s.node for s in self.slots},
+                              ranks=parse_ranks(getattr(log, "ranks", "all")),
+                              dedup=bool(getattr(log, "dedup", True)))
+        cursors = [0] * len(self.actors)
+        pending = {a.poll.remote(0, 0.5): i for i, a in enumerate(self.actors)}
+        done: dict[int, int] = {}
+        failures: list[Failure] = []
+        try:
+            while pending and not failures:
+                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=1.0)
+                console.tick()
+                for ref in ready:
+                    i = pending.pop(ref)
+                    s = self.slots[i]
+                    try:
+                        r = self.ray.get(ref)
+                    except self.ray.exceptions.RayError as e:
+                        failures.append(Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})",
+                                                time.time()))
+                        continue
+                    if r["dropped"]:
+                        console.line(s.rank, f"[{r['dropped']} line(s) skipped; the full output is in the "
+                                             f"rank's log file]", True)
+                    for is_err, text in r["lines"]:
+                        console.line(s.rank, text, is_err)
+                    cursors[i] = r["cursor"]
+                    if r["exit"] is None:
+                        pending[self.actors[i].poll.remote(cursors[i], 0.5)] = i
+                    elif r["exit"] != 0:
+                        failures.append(Failure(s.rank, s.node, describe_exit(r["exit"]),
+                                                r["exited_at"] or time.time()))
+                    else:
+                        done[i] = 0
+            if failures:
+                failures += self._drain(pending, console)
+        finally:
+            console.close()
+        for f in failures:
+            if not f.tail:
+                f.tail = self._tail(f.rank)
+        failures.sort(key=lambda f: (f.collateral, f.at))
+        return failures
+
+    def _drain(self, pending: dict[Any, int], console: Console, wait_s: float = 1.0) -> list[Failure]:
+        """Other ranks that failed at about the same time (so the root cause can be told apart)."""
+        more = []
+        ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
+        for ref in ready:
+            i = pending.pop(ref)
+            s = self.slots[i]
+            try:
+                r = self.ray.get(ref)
+            except self.ray.exceptions.RayError as e:
+                more.append(Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})", time.time()))
+                continue
+            for is_err, text in r["lines"]:
+                console.line(s.rank, text, is_err)
+            if r["exit"] not in (None, 0):
+                more.append(Failure(s.rank, s.node, describe_exit(r["exit"]), r["exited_at"] or time.time()))
+        return more
+
+    def _tail(self, rank: int) -> list[str]:
+        try:
+            return list(self.ray.get(self.actors[rank].tail.remote(), timeout=5))
+        except Exception:  # noqa: BLE001 - the actor may be gone
+            path = self.spec.log_dir / self.slots[rank].node / f"rank{rank}.log"
+            try:
+                return path.read_text(errors="replace").splitlines()[-15:]
+            except OSError:
+                return []
+
+    # -- 6. teardown ----------------------------------------------------------------------------
+
+    def teardown(self, grace_s: float = 3.0) -> None:
+        """Stop every rank, kill every actor, remove the placement group (idempotent)."""
+        ray = self.ray
+        if self.actors:
+            refs = []
+            for a in self.actors:
+                try:
+                    refs.append(a.stop.remote(grace_s))
+                except Exception:  # noqa: BLE001 - a dead actor
+                    pass
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=grace_s + 3)
+            for a in self.actors:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+            self.actors = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+            self.pg = None
+
+    def record_timings(self, marks: list[tuple[str, float]]) -> None:
+        """Phase durations of this attempt (``ray-timings.json``), and each node's time from the
+        group's start to its ranks running, as the tracker's ``phase/rendezvous_s``."""
+        phases = {name: round(t - marks[i - 1][1], 3) for i, (name, t) in enumerate(marks) if i}
+        self._write_json("ray-timings.json", {"attempt": self.attempt, "phases_s": phases,
+                                              "total_s": round(marks[-1][1] - marks[0][1], 3)})
+        progress = self.spec.run_dir / "progress"
+        progress.mkdir(exist_ok=True)
+        for node in sorted({s.node for s in self.slots}):
+            self._write_json(f"progress/agent-{node}.json",
+                             {"node": node, "start": marks[0][1], "spawn": marks[-1][1],
+                              "rendezvous_s": marks[-1][1] - marks[0][1]})
+
+    def _write_json(self, name: str, doc: Any) -> None:
+        import json
+
+        try:
+            (self.spec.run_dir / name).write_text(json.dumps(doc, indent=1))
+        except OSError:
+            pass
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        if line.strip() and not line.startswith(("Traceback", "  ")):
+            return line.strip()[:500]
+    return text[:500] or type(e).__name__
+
+
+def failure_message(failures: list[Failure]) -> str:
+    root = failures[0]
+    lines = [f"rank {root.rank} on {root.node} {root.message}"]
+    lines += [f"also: rank {f.rank} on {f.node} {f.message}" for f in failures[1:4]]
+    if root.tail:
+        lines.append(f"last lines of rank {root.rank}:")
+        lines += [f"  {t}" for t in root.tail[-15:]]
+    return "\n".join(lines)
+
+
+def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], files: dict[str, str],
+              cwd: str | None) -> list[Failure]:
+    """One attempt, torn down whatever happens; returns its failures ([] when every rank exited 0).
+
+    SIGTERM/SIGHUP (``ray job stop``, ``Job.cancel()``) and Ctrl-C tear the group down and
+    raise :class:`Interrupted` (or KeyboardInterrupt).
+    """
+    group = RankGroup(ray, spec, opts, attempt=attempt, argv=argv, files=files, cwd=cwd)
+    old: dict[int, Any] = {}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum)
+
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            old[sig] = signal.signal(sig, on_signal)
+    try:
+        marks = [("start", time.time())]
+        group.place()
+        marks.append(("placement_group", time.time()))
+        group.start_actors()
+        marks.append(("actors", time.time()))
+        group.tune()
+        marks.append(("probe_tune", time.time()))
+        group.start_ranks()
+        marks.append(("ranks_started", time.time()))
+        group.record_timings(marks)
+        assert group.rendezvous is not None
+        group.say(f"aitrain: ray: {spec.world_size} rank(s) on {spec.nnodes} node(s) ({group.describe_nodes()}), "
+                  f"rendezvous {group.rendezvous[0]}:{group.rendezvous[1]}, attempt {attempt + 1}")
+        return group.monitor()
+    finally:
+        # Teardown must not be interrupted by a second signal.
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            group.teardown()
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+
+
+def raise_failed(failures: list[Failure], spec: Any, attempts: int) -> None:
+    root = failures[0]
+    code = 1
+    m = re.search(r"exited with code (\d+)", root.message)
+    if m:
+        code = int(m.group(1)) or 1
+    after = f" (after {attempts} attempt(s))" if attempts > 1 else ""
+    raise JobFailedError(f"the job failed{after}: {failure_message(failures)}",
+                         f"each rank's full output is under {spec.log_dir}/<node>/rank<N>.log on its node",
+                         exit_code=code)
+
+
+def job_config_for_attempt(config_file: Path, attempt: int, resume: str) -> tuple[Path, str]:
+    """The config a restart runs: the job's, with ``resume: auto`` unless a resume path was given."""
+    import yaml
+
+    doc = yaml.safe_load(config_file.read_text()) or {}
+    if resume in (None, "", "none"):
+        doc["resume"] = "auto"
+    path = config_file.with_name(f"job-attempt{attempt}.yaml")
+    return path, yaml.safe_dump(doc, sort_keys=False)

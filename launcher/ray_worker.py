@@ -1,0 +1,369 @@
+"""What runs on the Ray workers of ``backend=ray``: one :class:`RankActor` per rank.
+
+The actor is deliberately thin. It starts the rank program (the same argv the local
+backend runs: the built-in job or the user's script) as a child process with the
+torch.distributed env, the node's tuned fabric env and the job env; writes every line
+the rank prints to ``<run_dir>/logs/<node>/rank<N>.log`` on its node; and hands the
+lines to the driver, which prints them with a ``[rank<N> <node>]:`` prefix. The first
+actor of each node also probes that node's fabric (an actor task: the probe runs in
+the node's network namespace, where the ranks will run).
+
+The rank process is in its own session (so a stop reaches whatever it started) and is
+armed with PR_SET_PDEATHSIG on the thread that starts and reaps it, so when Ray kills
+the actor (teardown, a dead driver, a dead node) the rank goes with it.
+
+This module imports neither torch nor ray at import time: the driver wraps the class
+with ``ray.remote`` when the backend is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+MAX_BUFFERED_LINES = 20000  # lines kept for the driver; older ones are only in the rank's log file
+TAIL_LINES = 30  # lines kept for the error message when the rank fails
+MAX_LINE = 64 * 1024
+
+
+def _write_if_missing(path: Path, text: str) -> None:
+    """Ship a file (the job config) to this node unless it is already there (shared FS)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _child_setup() -> None:
+    os.setsid()  # a stop signals the rank's whole process group
+    from aitrain.launcher.supervise import set_parent_death_signal
+
+    set_parent_death_signal(signal.SIGKILL)
+
+
+class RankActor:
+    """One rank of the job, pinned to its node's bundle of the placement group."""
+
+    def __init__(self, rank: int, node_rank: int, node: str, local_rank: int,
+                 job_env: dict[str, str] | None = None, prespawn: bool = True) -> None:
+        self.rank, self.node_rank, self.node, self.local_rank = rank, node_rank, node, local_rank
+        self._cond = threading.Condition()
+        self._lines: deque[tuple[bool, str]] = deque()
+        self._base = 0  # index of self._lines[0] in the rank's whole output
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._exit: int | None = None
+        self._exited_at: float | None = None
+        self._stopping = False
+        self._log_path: Path | None = None
+        self._log_ready = threading.Event()
+        self._warm: subprocess.Popen[bytes] | None = None
+        self._warm_env = {**os.environ, **(job_env or {})}
+        if prespawn:
+            self._spawn_warm()
+
+    # -- facts about where the actor landed ---------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        try:
+            gpus = [str(g) for g in ray.get_gpu_ids()]
+        except Exception:  # no GPUs requested
+            gpus = []
+        return {"rank": self.rank, "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "hostname": socket.gethostname(), "pid": os.getpid(), "gpu_ids": gpus,
+                "actor_id": ctx.get_actor_id(), "python": sys.executable, "cwd": os.getcwd()}
+
+    def probe(self, name: str) -> dict[str, Any]:
+        """This node's fabric (``aitrain fabric probe``), the host named ``name``."""
+        from aitrain.fabric import probe
+
+        return probe(hostname=name).to_dict()
+
+    def free_port(self, address: str) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+            return int(s.getsockname()[1])
+
+    # -- the rank process -----------------------------------------------------------
+
+    def start(self, argv: list[str], env: dict[str, str], log_file: str, cwd: str | None = None,
+              files: dict[str, str] | None = None, driver_python: str | None = None) -> int:
+        """Start the rank program; returns once it is running (its pid)."""
+        for path, text in (files or {}).items():
+            _write_if_missing(Path(path), text)
+        argv = list(argv)
+        if driver_python and argv and argv[0] == driver_python:
+            argv[0] = sys.executable  # the cluster's Python environment, wherever the driver ran
+        full_env = dict(self._warm_env)
+        full_env.update(env)
+        full_env["AITRAIN_SPAWN_TIME"] = f"{time.time():.6f}"
+        log = Path(log_file)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        workdir = cwd if cwd and os.path.isdir(cwd) else os.getcwd()
+        if self._warm is not None:
+            if self._warm.poll() is None and warm_compatible(argv, self._warm_env, full_env):
+                return self._start_warm(argv, full_env, workdir, log)
+            self._discard_warm()
+        started = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits: this
+            # thread lives until the rank has exited, so only the actor's death kills it.
+            try:
+                self._proc = subprocess.Popen(argv, env=full_env, cwd=workdir, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                              preexec_fn=_child_setup)
+            except BaseException as e:  # noqa: BLE001 - reported to the driver
+                failed.append(e)
+                started.set()
+                return
+            started.set()
+            self._pump(self._proc, log)
+
+        threading.Thread(target=run, name=f"aitrain-rank{self.rank}", daemon=True).start()
+        started.wait()
+        if failed:
+            raise RuntimeError(f"cannot start rank {self.rank} on {self.node}: {failed[0]}") from failed[0]
+        assert self._proc is not None
+        return self._proc.pid
+
+    # -- the warm interpreter: torch imported while the driver probes and tunes ----------
+
+    def _spawn_warm(self) -> None:
+        started = threading.Event()
+
+        def run() -> None:
+            try:
+                self._warm = subprocess.Popen(
+                    [sys.executable, "-u", "-m", "aitrain.launcher.ray_worker", "--warm"], env=self._warm_env,
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_child_setup)
+            except OSError:
+                self._warm = None
+                started.set()
+                return
+            started.set()
+            self._log_ready.wait()  # the log file is known once start() is called
+            if self._proc is self._warm and self._log_path is not None:
+                self._pump(self._warm, self._log_path)
+
+        self._warm_thread = threading.Thread(target=run, name=f"aitrain-rank{self.rank}-warm", daemon=True)
+        self._warm_thread.start()
+        started.wait()
+
+    def _start_warm(self, argv: list[str], env: dict[str, str], cwd: str, log: Path) -> int:
+        import json
+
+        proc = self._warm
+        assert proc is not None and proc.stdin is not None
+        self._proc, self._log_path = proc, log
+        self._log_ready.set()
+        proc.stdin.write((json.dumps({"argv": argv, "env": env, "cwd": cwd}) + "\n").encode())
+        proc.stdin.close()
+        return proc.pid
+
+    def _discard_warm(self) -> None:
+        proc, self._warm = self._warm, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        self._log_ready.set()
+
+    def _pump(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+        sel = selectors.DefaultSelector()
+        bufs: dict[int, bytes] = {}
+        assert proc.stdout is not None and proc.stderr is not None
+        for stream, is_err in ((proc.stdout, False), (proc.stderr, True)):
+            os.set_blocking(stream.fileno(), False)
+            sel.register(stream, selectors.EVENT_READ, is_err)
+            bufs[stream.fileno()] = b""
+        exited_at: float | None = None
+        with open(log_path, "ab") as log:
+            while sel.get_map():
+                events = sel.select(timeout=0.5)
+                for key, _ in events:
+                    fd = key.fileobj.fileno()  # type: ignore[union-attr]
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        data, final = b"", True
+                    else:
+                        final = False
+                    bufs[fd] = self._emit(bufs[fd] + data, key.data, log, final)
+                log.flush()
+                if proc.poll() is not None:
+                    # A grandchild may hold the pipes open: give it a moment, then stop reading.
+                    exited_at = exited_at or time.monotonic()
+                    if not events and time.monotonic() - exited_at > 1.0:
+                        break
+        sel.close()
+        code = proc.wait()
+        with self._cond:
+            self._exit = code
+            self._exited_at = time.time()
+            self._cond.notify_all()
+
+    def _emit(self, data: bytes, is_err: bool, log: Any, final: bool) -> bytes:
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        if final and rest:
+            lines.append(rest)
+            rest = b""
+        while len(rest) > MAX_LINE:
+            lines.append(rest[:MAX_LINE])
+            rest = rest[MAX_LINE:]
+        if not lines:
+            return rest
+        with self._cond:
+            for raw in lines:
+                log.write(raw + b"\n")
+                text = raw.decode(errors="replace").rstrip("\r")
+                self._lines.append((is_err, text))
+                self._tail.append(text)
+            while len(self._lines) > MAX_BUFFERED_LINES:
+                self._lines.popleft()
+                self._base += 1
+            self._cond.notify_all()
+        return rest
+
+    def poll(self, cursor: int, wait_s: float = 0.5) -> dict[str, Any]:
+        """Lines after ``cursor`` (waiting up to ``wait_s`` for some), and the exit code once exited."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while self._base + len(self._lines) <= cursor and self._exit is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            start = max(cursor - self._base, 0)
+            lines = list(self._lines)[start:] if start < len(self._lines) else []
+            return {"lines": lines, "cursor": self._base + len(self._lines),
+                    "dropped": max(self._base - cursor, 0), "exit": self._exit,
+                    "exited_at": self._exited_at, "pid": self._proc.pid if self._proc else None}
+
+    def tail(self) -> list[str]:
+        with self._cond:
+            return list(self._tail)
+
+    def stop(self, grace_s: float = 3.0) -> int | None:
+        """SIGTERM the rank's process group, SIGKILL what is left after ``grace_s`` (idempotent)."""
+        proc = self._proc
+        if proc is not self._warm:
+            self._discard_warm()
+        if proc is None:
+            return None
+        self._stopping = True
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # anything the rank left behind in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        return proc.poll()
+
+
+# -- the warm interpreter ------------------------------------------------------------------
+
+# Variables a Python or torch process reads when it starts (or imports torch): if the rank's
+# final env changes one of them, the rank is started fresh instead of from the warm one.
+STARTUP_VARS = re.compile(r"^(PYTHON\w*|LD_\w+|TORCH_CPP_LOG_LEVEL|TORCH_SHOW_CPP_STACKTRACES|TORCH_LOGS|"
+                          r"MKL_\w+|KMP_\w+|GOMP_\w+|OMP_(?!NUM_THREADS$)\w+|MALLOC_\w+|PATH)$")
+
+
+def warm_compatible(argv: list[str], before: dict[str, str], after: dict[str, str]) -> bool:
+    """Whether ``argv`` can run in a warm interpreter started with env ``before``."""
+    if len(argv) < 2 or argv[0] != sys.executable or not _program(argv):
+        return False
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    return not any(STARTUP_VARS.match(k) for k in changed)
+
+
+def _program(argv: list[str]) -> tuple[str, str, list[str]] | None:
+    """(kind, target, args) of ``python [-u] (-m module | script) args...``, or None for anything else."""
+    i = 1
+    while i < len(argv) and argv[i] in ("-u",):
+        i += 1
+    if i >= len(argv):
+        return None
+    if argv[i] == "-m" and i + 1 < len(argv):
+        return "module", argv[i + 1], argv[i + 2:]
+    if argv[i].startswith("-"):
+        return None
+    return "script", argv[i], argv[i + 1:]
+
+
+def warm_main() -> int:
+    """``python -m aitrain.launcher.ray_worker --warm``: import torch, then run the rank program
+    the actor sends on stdin (``{"argv", "env", "cwd"}``) as ``python`` would."""
+    import json
+    import runpy
+
+    try:
+        import torch  # noqa: F401 - the slow part, done while the driver probes and tunes
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        pass
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # discarded
+    req = json.loads(line)
+    argv, env = req["argv"], req["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(req["cwd"])
+    if env.get("OMP_NUM_THREADS", "").isdigit() and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch read it at import
+    prog = _program(argv)
+    if prog is None:
+        os.execve(argv[0], argv, env)
+    kind, target, args = prog
+    sys.argv = [target, *args]
+    sys.path[0] = os.getcwd() if kind == "module" else os.path.dirname(os.path.abspath(target))
+    try:
+        if kind == "module":
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(target, run_name="__main__")
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # what `python prog` prints: the traceback from the program on
+        import traceback
+
+        tb = e.__traceback__
+        skip = {__file__, runpy.__file__, "<frozen runpy>"}
+        while tb is not None and tb.tb_frame.f_code.co_filename in skip:
+            tb = tb.tb_next
+        traceback.print_exception(type(e), e, tb or e.__traceback__)
+        return 1
+    return 0
+
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--warm"]:
+    sys.exit(warm_main())

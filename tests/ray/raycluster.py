@@ -1,0 +1,152 @@
+"""Real Ray clusters for the tests: a local head on loopback, and 2 nodes in network namespaces.
+
+Every Ray process these start is stopped by the fixtures' finalizers (``ray stop --force``
+plus the rig's namespace teardown), and the tests assert through Ray's state API that a
+job leaves no actor or placement group behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global_batch_size=8",
+        "train.log_every=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(tmp: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if tmp is not None:
+        env["XDG_STATE_HOME"] = str(tmp / "state")
+    return env
+
+
+def ray_stop() -> None:
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def gcs_processes() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "gcs_server"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+class LocalHead:
+    """``ray start --head`` on 127.0.0.1 with the dashboard (Jobs API, state API) and the Ray client."""
+
+    def __init__(self, num_cpus: int = 8) -> None:
+        self.port, self.dashboard_port, self.client_port = free_port(), free_port(), free_port()
+        self.num_cpus = num_cpus
+
+    @property
+    def gcs(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client(self) -> str:
+        return f"ray://127.0.0.1:{self.client_port}"
+
+    @property
+    def jobs(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, tmp: Path | None = None) -> dict[str, str]:
+        env = base_env(tmp)
+        # Ray's single-machine mode: the head registers 127.0.0.1, never this machine's address.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        return env
+
+    def up(self) -> "LocalHead":
+        ray_stop()
+        r = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                            f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
+                            f"--ray-client-server-port={self.client_port}", f"--num-cpus={self.num_cpus}",
+                            "--disable-usage-stats"], env=self.env(), capture_output=True, text=True, timeout=180)
+        if r.returncode != 0:
+            raise RuntimeError(f"ray start --head failed: {r.stderr[-2000:]}")
+        wait_jobs_api(self.jobs, self.env())
+        return self
+
+    def down(self) -> None:
+        ray_stop()
+
+
+def wait_jobs_api(url: str, env: dict[str, str], timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except Exception:  # noqa: BLE001
+            time.sleep(0.5)
+
+
+_STATE = """
+import json, sys
+from ray.util.state import list_actors, list_placement_groups
+addr = sys.argv[1]
+actors = list_actors(address=addr, filters=[("state", "!=", "DEAD")], raise_on_missing_output=False)
+pgs = list_placement_groups(address=addr, filters=[("state", "!=", "REMOVED")], raise_on_missing_output=False)
+print(json.dumps({"actors": [[a.class_name, a.state, a.actor_id] for a in actors],
+                  "placement_groups": [[p.name, p.state] for p in pgs]}))
+"""
+
+
+def leftovers(dashboard: str, env: dict[str, str], settle_s: float = 15.0) -> dict[str, Any]:
+    """Live actors and placement groups per Ray's state API (waiting for teardown to settle)."""
+    env = dict(env, RAY_AUTH_MODE="token")
+    deadline = time.monotonic() + settle_s
+    while True:
+        r = subprocess.run([sys.executable, "-c", _STATE, dashboard], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        state = json.loads(r.stdout.strip().splitlines()[-1])
+        if not (state["actors"] or state["placement_groups"]) or time.monotonic() > deadline:
+            return state
+        time.sleep(1)
+
+
+def aitrain(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240,
+            prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*(prefix or []), sys.executable, "-m", "aitrain.launcher.cli", *args], cwd=cwd, env=env,
+                          text=True, capture_output=True, timeout=timeout)
+
+
+def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False

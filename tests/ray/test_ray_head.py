@@ -1,0 +1,141 @@
+"""backend=ray on a real local head (``ray start --head``): the Ray client, the Jobs API and
+its handles, a failing rank, a killed worker with restarts, and the example notebook.
+
+After every job Ray's state API must show no live actor and no placement group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from raycluster import REPO, TINY, LocalHead, aitrain, alive, leftovers, wait_for  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = LocalHead(num_cpus=8)
+    try:
+        h.up()
+    except Exception as e:  # pragma: no cover - environment problems
+        h.down()
+        pytest.skip(f"could not start a Ray head: {e}")
+    yield h
+    h.down()
+
+
+def run_dir_of(stdout: str) -> Path:
+    line = next(x for x in stdout.splitlines() if "; run dir " in x or x.startswith("aitrain: job finished"))
+    return Path(line.split("run dir ")[1].split(";")[0].strip())
+
+
+def assert_nothing_left(head: LocalHead) -> None:
+    state = leftovers(head.jobs, head.env())
+    assert state == {"actors": [], "placement_groups": []}, state
+
+
+def test_job_through_the_ray_client(head: LocalHead, tmp_path: Path) -> None:
+    r = aitrain(["launch", "backend=ray", f"backend.address={head.client}", "+strategy=ddp", "nproc_per_node=2",
+                 "train.steps=4", *TINY], tmp_path, head.env(tmp_path))
+    assert r.returncode == 0, r.stderr + r.stdout
+    lines = [x for x in r.stdout.splitlines() if x.startswith("[rank")]
+    assert "[rank0 node0]:step 4/4" in lines[-1] or any("step 4/4" in x for x in lines)
+    assert all(x.startswith(("[rank0 node0]:", "[rank1 node0]:")) for x in lines)
+    run_dir = run_dir_of(r.stdout)
+    assert {p.name for p in (run_dir / "logs" / "node0").glob("rank*.log")} == {"rank0.log", "rank1.log"}
+    assert_nothing_left(head)
+
+
+def test_failing_rank_takes_the_group_down(head: LocalHead, tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    t0 = time.monotonic()
+    r = aitrain(["launch", "backend=ray", f"backend.address={head.gcs}", f"script={FAIL_SCRIPT}", "nproc_per_node=2",
+                 "tracking=none", "fabric.env.FAIL_RANK=1", f"fabric.env.PID_DIR={pid_dir}"],
+                tmp_path, head.env(tmp_path))
+    assert r.returncode == 1, r.stdout
+    assert time.monotonic() - t0 < 90
+    assert "the job failed: rank 1 on node0 exited with code 1" in r.stderr
+    assert "RuntimeError: deliberate failure on rank 1" in r.stderr
+    pids = [int(p.read_text()) for p in pid_dir.glob("rank*.pid")]
+    assert len(pids) == 2 and not [p for p in pids if alive(p)]  # rank 0 was stopped, not left waiting
+    assert_nothing_left(head)
+
+
+def test_killed_worker_restarts_the_group_from_the_checkpoint(head: LocalHead, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    args = ["launch", "backend=ray", f"backend.address={head.gcs}", "backend.max_failures=1", "nproc_per_node=2",
+            "train.steps=40", "checkpoint.every_n_steps=1", "checkpoint.keep=2", "tracking=none", *TINY]
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "aitrain.launcher.cli", *args], cwd=tmp_path,
+                                env=head.env(tmp_path), stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: "step 8/40" in out.read_text(), 120, "step 8")
+        ranks = json.loads(next(tmp_path.glob("outputs/*/*/ray-ranks.json")).read_text())
+        victim = next(x for x in ranks["ranks"] if x["rank"] == 1)
+        os.kill(victim["worker_pid"], signal.SIGKILL)  # rank 1's Ray worker dies mid-training
+        assert proc.wait(180) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = out.read_text()
+    assert "rank 1 on node0 lost its Ray worker" in text and "restarting the group (restart 1 of at most 1)" in text
+    assert "attempt 2" in text and "aitrain: resumed from" in text and "step 40/40" in text
+    assert not alive(victim["rank_pid"])
+    assert_nothing_left(head)
+
+
+def test_jobs_api_handle(head: LocalHead, tmp_path: Path) -> None:
+    env = head.env(tmp_path)
+    r = aitrain(["launch", "backend=ray", f"backend.address={head.jobs}", "nproc_per_node=2", "train.steps=3",
+                 "tracking=none", *TINY], tmp_path, env)
+    assert r.returncode == 0, r.stderr
+    handle = next(w for w in r.stdout.split() if w.startswith("ray://"))
+    assert handle.startswith(f"ray://127.0.0.1:{head.dashboard_port}/raysubmit_")
+    follow = aitrain(["logs", handle, "--follow"], tmp_path, env, timeout=180)
+    assert follow.returncode == 0 and "[rank0 node0]:step 3/3" in follow.stdout, follow.stdout + follow.stderr
+    st = json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)
+    assert st["state"] == "SUCCEEDED" and Path(st["run_dir"]).is_dir()
+    only = aitrain(["logs", handle, "--rank", "0"], tmp_path, env).stdout.splitlines()
+    assert only and all(x.startswith("[rank0 ") for x in only)
+    again = aitrain(["cancel", handle], tmp_path, env)
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    assert_nothing_left(head)
+
+
+def test_notebook_submits_follows_cancels_and_leaves_a_job_running(head: LocalHead, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    for k, v in head.env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AITRAIN_RAY_CLIENT", head.client)
+    monkeypatch.setenv("AITRAIN_RAY_JOBS", head.jobs)
+    monkeypatch.setenv("AITRAIN_EXAMPLE_OVERRIDES", f"run_root={tmp_path / 'outputs'} tracking=none")
+    nb = nbformat.read(REPO / "examples" / "notebook_submit.ipynb", as_version=4)
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # The kernel is gone now: the last job, submitted through the Jobs API, still finishes.
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "[rank0 node0]:step 10/10" in text  # logs(follow=True) printed the ray:// job's lines
+    assert "STOPPED" in text
+    handle = nb.cells[-1].outputs[0]["text"].strip()
+    assert handle.startswith("ray://")
+    env = head.env(tmp_path)
+    st = wait_for(lambda: (s := json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout))["state"]
+                  in ("SUCCEEDED", "FAILED", "STOPPED") and s, 180, "the job the notebook left running")
+    assert st["state"] == "SUCCEEDED", st
+    assert_nothing_left(head)

@@ -1,0 +1,130 @@
+"""A real 2-node Ray cluster in network namespaces: ``ray start --head`` in one, a worker in the other.
+
+Ray itself talks over the throttled management network (eth0); the hostname resolves to
+127.0.0.1 on both nodes, so the ranks' gloo traffic only flows if aitrain probes each node,
+tunes it (GLOO_SOCKET_IFNAME) and puts the rendezvous on node 0's fabric address (fab0).
+The tests check that the bytes went over fab0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from raycluster import BIN, TINY, aitrain, base_env, ray_stop  # noqa: E402
+
+import netns_rig  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(600)]
+
+WHY = netns_rig.available()
+if WHY:
+    pytest.skip(f"network namespaces unavailable: {WHY}", allow_module_level=True)
+
+TEMP = Path("/tmp/aitr-ray")
+
+
+class NetnsRay:
+    def __init__(self) -> None:
+        self.rig = netns_rig.Rig(hosts_count=2, name="aitr", base=218, controller_ip=True)
+
+    @property
+    def head(self) -> netns_rig.RigHost:
+        return self.rig.hosts[0]
+
+    @property
+    def gcs(self) -> str:
+        return f"{self.head.mgmt_ip}:6379"
+
+    @property
+    def client(self) -> str:
+        return f"ray://{self.head.mgmt_ip}:10001"
+
+    def up(self) -> "NetnsRay":
+        ray_stop()
+        self.rig.up()
+        env = base_env()
+        if (Path.home() / ".ray" / "auth_token").exists() or env.get("RAY_AUTH_TOKEN"):
+            # The head turns token auth on when a token exists; `ray start --address` on a
+            # worker node only joins with RAY_AUTH_MODE=token set.
+            env.setdefault("RAY_AUTH_MODE", "token")
+        for i, h in enumerate(self.rig.hosts):
+            where = (["--head", "--port=6379", "--ray-client-server-port=10001", "--include-dashboard=false"]
+                     if i == 0 else [f"--address={self.gcs}"])
+            r = subprocess.run([*h.nsenter(), str(BIN / "ray"), "start", *where, f"--node-ip-address={h.mgmt_ip}",
+                                f"--temp-dir={TEMP / h.name}", "--num-cpus=2", "--disable-usage-stats"],
+                               env=env, capture_output=True, text=True, timeout=180)
+            if r.returncode != 0:
+                raise RuntimeError(f"ray start on {h.name} failed: {r.stderr[-2000:]}")
+        return self
+
+    def down(self) -> None:
+        ray_stop()
+        self.rig.down()
+        shutil.rmtree(TEMP, ignore_errors=True)
+
+    def fabric_bytes(self) -> dict[str, int]:
+        """rx+tx bytes of fab0 in every namespace."""
+        out = {}
+        for h in self.rig.hosts:
+            text = subprocess.run([*h.nsenter(), "cat", "/proc/net/dev"], capture_output=True, text=True).stdout
+            f = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.strip().startswith("fab0:"))
+            out[h.name] = int(f[0]) + int(f[8])
+        return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = NetnsRay()
+    try:
+        c.up()
+    except Exception as e:  # pragma: no cover - environment problems
+        c.down()
+        pytest.skip(f"could not start Ray in network namespaces: {e}")
+    yield c
+    c.down()
+
+
+def check_two_node_job(r: subprocess.CompletedProcess[str], cluster: NetnsRay, before: dict[str, int],
+                       steps: int) -> None:
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert f"[rank0 node0]:step {steps}/{steps}" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("aitrain: ray: 2 rank(s) on 2 node(s)"))
+    assert "10.218.1.11" in line and "10.218.1.12" in line  # one rank per Ray node
+    run_dir = Path(next(x for x in r.stdout.splitlines() if "; run dir " in x).split("run dir ")[1].split(";")[0])
+    ranks = json.loads((run_dir / "ray-ranks.json").read_text())
+    # The rendezvous is node 0's fabric address, never the hostname (127.0.0.1 here) or eth0.
+    assert ranks["rendezvous"].startswith("10.218.2.")
+    assert {t["env"]["GLOO_SOCKET_IFNAME"] for t in ranks["tuned"].values()} == {"fab0"}
+    moved = {k: v - before[k] for k, v in cluster.fabric_bytes().items()}
+    assert all(v > 200_000 for v in moved.values()), moved  # the gradients went over fab0
+    assert (run_dir / "logs" / "node1" / "rank1.log").exists()
+
+
+def test_two_node_ddp_driven_from_the_head_node(cluster: NetnsRay, tmp_path: Path) -> None:
+    before = cluster.fabric_bytes()
+    r = aitrain(["launch", "backend=ray", f"backend.address={cluster.gcs}", "nnodes=2", "nproc_per_node=1",
+                 "+strategy=ddp", "train.steps=10", *TINY], tmp_path, base_env(tmp_path), timeout=300,
+                prefix=cluster.head.nsenter())
+    check_two_node_job(r, cluster, before, 10)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aitrain").experiment_id])
+    assert runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["nnodes"] == "2"
+    assert len(client.get_metric_history(runs[0].info.run_id, "loss")) == 10
+
+
+def test_two_node_fsdp_through_the_ray_client(cluster: NetnsRay, tmp_path: Path) -> None:
+    before = cluster.fabric_bytes()
+    r = aitrain(["launch", "backend=ray", f"backend.address={cluster.client}", "nnodes=2", "nproc_per_node=1",
+                 "+strategy=fsdp", "train.steps=10", "tracking=none", *TINY], tmp_path, base_env(tmp_path),
+                timeout=300)
+    check_two_node_job(r, cluster, before, 10)
+    assert "training fsdp on 2 rank(s)" in r.stdout
