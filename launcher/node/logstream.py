@@ -221,10 +221,19 @@ class RankStreams:
         try:
             while True:
                 with self._lock:
+                    # Together: a flush() must also cover pipes opened just before it.
                     new, self._new = self._new, []
+                    waiters, self._flush_waiters = self._flush_waiters, []
                 for src in new:
                     self._sources[src.fd] = src
                     poller.register(src.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+                if waiters:
+                    for src in list(self._sources.values()):
+                        self._read(poller, src, until_empty=True)
+                    for f in self._files.values():
+                        f.flush()
+                    for w in waiters:
+                        w.set()
                 stopping = self._stop.is_set()
                 for fd, ev in poller.poll(0 if stopping else self.poll_ms):
                     src = self._sources.get(fd)
@@ -236,15 +245,8 @@ class RankStreams:
                         if src.fd in self._sources:
                             self._lines(src, b"", final=True)
                     break
-                with self._lock:
-                    waiters, self._flush_waiters = self._flush_waiters, []
-                if waiters:
-                    for src in list(self._sources.values()):
-                        self._read(poller, src, until_empty=True)
                 for f in self._files.values():
                     f.flush()
-                for w in waiters:
-                    w.set()
                 self.console.tick()
                 self.console.flush()
         except Exception as e:  # never take the agent down over console output
