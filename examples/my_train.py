@@ -7,12 +7,11 @@ the strategy the launcher was asked for through ``aitrain.strategies.apply``.
 """
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 
-from aitrain.strategies import ParallelPlan, apply
+from aitrain.strategies import apply
 
 
 def main() -> None:
@@ -29,8 +28,8 @@ def main() -> None:
     y = 3 * x - 1 + 0.01 * torch.randn(512, 1)
     x, y = x[rank::world], y[rank::world]
 
-    plan = ParallelPlan.resolve(world_size=world, dp_replicate=-1, dp_shard=1)
-    model = apply(torch.nn.Linear(1, 1), plan, strategy=os.environ.get("AITRAIN_STRATEGY", "ddp"))
+    # The strategy, degrees and options `aitrain launch` was asked for (+strategy=ddp, fsdp, ...).
+    model = apply(torch.nn.Linear(1, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for epoch in range(args.epochs):
         for _ in range(args.steps_per_epoch):
