@@ -21,10 +21,12 @@ new group; the built-in job resumes from its latest checkpoint (``resume=auto``)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +172,7 @@ class RankGroup:
                 max_concurrency=4, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=s.node_rank),
-            ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.spec.env)))
+            ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.spec.env), True, self.warm_imports()))
         try:
             self.infos = self.ray.get([a.info.remote() for a in self.actors], timeout=ACTOR_START_TIMEOUT_S)
         except self.ray.exceptions.GetTimeoutError:
@@ -186,6 +188,13 @@ class RankGroup:
             ips = {}
         for info in self.infos:
             info["node_ip"] = ips.get(info["node_id"], info["node_ip"])
+
+    def warm_imports(self) -> list[str]:
+        """What each rank's interpreter imports before its program runs (see ray_worker.warm_main)."""
+        mods = ["torch", "torch.distributed", "torch._dynamo"]
+        if self.argv[1:4] == ["-u", "-m", "aitrain.launcher.train"]:
+            mods.append("aitrain.launcher.train")  # the built-in job's own imports (strategies, data)
+        return mods
 
     # -- 3. probe, check, tune --------------------------------------------------------------
 
@@ -452,8 +461,6 @@ class RankGroup:
                               "rendezvous_s": marks[-1][1] - marks[0][1]})
 
     def _write_json(self, name: str, doc: Any) -> None:
-        import json
-
         try:
             (self.spec.run_dir / name).write_text(json.dumps(doc, indent=1))
         except OSError:
@@ -500,9 +507,8 @@ def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], 
     def on_signal(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)
 
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if main:
         for sig in (signal.SIGTERM, signal.SIGHUP):
             old[sig] = signal.signal(sig, on_signal)
     try:
@@ -521,14 +527,13 @@ def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], 
                   f"rendezvous {group.rendezvous[0]}:{group.rendezvous[1]}, attempt {attempt + 1}")
         return group.monitor()
     finally:
-        # Teardown must not be interrupted by a second signal.
-        for sig in old:
-            signal.signal(sig, signal.SIG_IGN)
+        # Teardown must not be interrupted by a second signal (or a second Ctrl-C).
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *old)} if main else {}
         try:
             group.teardown()
         finally:
-            for sig, h in old.items():
-                signal.signal(sig, h)
+            for sig, h in held.items():
+                signal.signal(sig, old.get(sig, h))
 
 
 def raise_failed(failures: list[Failure], spec: Any, attempts: int) -> None:

@@ -57,7 +57,8 @@ class RankActor:
     """One rank of the job, pinned to its node's bundle of the placement group."""
 
     def __init__(self, rank: int, node_rank: int, node: str, local_rank: int,
-                 job_env: dict[str, str] | None = None, prespawn: bool = True) -> None:
+                 job_env: dict[str, str] | None = None, prespawn: bool = True,
+                 warm_imports: list[str] | None = None) -> None:
         self.rank, self.node_rank, self.node, self.local_rank = rank, node_rank, node, local_rank
         self._cond = threading.Condition()
         self._lines: deque[tuple[bool, str]] = deque()
@@ -71,6 +72,7 @@ class RankActor:
         self._log_ready = threading.Event()
         self._warm: subprocess.Popen[bytes] | None = None
         self._warm_env = {**os.environ, **(job_env or {})}
+        self._warm_imports = ",".join(warm_imports) if warm_imports else DEFAULT_WARM_IMPORTS
         if prespawn:
             self._spawn_warm()
 
@@ -151,7 +153,8 @@ class RankActor:
         def run() -> None:
             try:
                 self._warm = subprocess.Popen(
-                    [sys.executable, "-u", "-m", "aitrain.launcher.ray_worker", "--warm"], env=self._warm_env,
+                    [sys.executable, "-u", "-m", "aitrain.launcher.ray_worker", "--warm"],
+                    env={**self._warm_env, WARM_IMPORTS_ENV: self._warm_imports},
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_child_setup)
             except OSError:
                 self._warm = None
@@ -290,6 +293,9 @@ class RankActor:
 
 # -- the warm interpreter ------------------------------------------------------------------
 
+WARM_IMPORTS_ENV = "AITRAIN_WARM_IMPORTS"
+DEFAULT_WARM_IMPORTS = "torch,torch.distributed,torch._dynamo"
+
 # Variables a Python or torch process reads when it starts (or imports torch): if the rank's
 # final env changes one of them, the rank is started fresh instead of from the warm one.
 STARTUP_VARS = re.compile(r"^(PYTHON\w*|LD_\w+|TORCH_CPP_LOG_LEVEL|TORCH_SHOW_CPP_STACKTRACES|TORCH_LOGS|"
@@ -324,18 +330,25 @@ def warm_main() -> int:
     import json
     import runpy
 
-    try:
-        import torch  # noqa: F401 - the slow part, done while the driver probes and tunes
-        import torch.distributed  # noqa: F401
-    except ImportError:
-        pass
+    import importlib
+    import select
+
+    # The slow part, done while the driver probes and tunes: torch, then (unless the rank's
+    # request is already here) what DDP/FSDP import on first use (torch._dynamo: ~1.5 s).
+    for i, name in enumerate(os.environ.get(WARM_IMPORTS_ENV, DEFAULT_WARM_IMPORTS).split(",")):
+        if i >= 2 and select.select([sys.stdin], [], [], 0)[0]:
+            break
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - the program will import (and report) what it needs
+            pass
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # discarded
     req = json.loads(line)
     argv, env = req["argv"], req["env"]
     os.environ.clear()
-    os.environ.update(env)
+    os.environ.update(env)  # the rank's env (without AITRAIN_WARM_IMPORTS)
     os.chdir(req["cwd"])
     if env.get("OMP_NUM_THREADS", "").isdigit() and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch read it at import

@@ -387,26 +387,43 @@ class RayBackend:
             if "not" in str(e).lower() and "exist" in str(e).lower() or "404" in str(e):
                 return RayJobStatus(handle, "UNKNOWN", f"no job {sid} on the Jobs API at {dashboard}")
             raise BackendError(f"cannot get the status of {handle}: {e}", "is the dashboard reachable?") from e
+        except Exception as e:  # AuthenticationError, connection errors
+            raise connection_error(RayAddress("jobs", f"http://{dashboard}"), e) from e
         state = str(getattr(info.status, "value", info.status))
         st = RayJobStatus(handle, state, info.message or "", (info.metadata or {}).get("aitrain.run_dir", ""),
                           info.entrypoint or "", (info.start_time or 0) / 1000 or None,
                           (info.end_time or 0) / 1000 or None)
-        if state == "FAILED":
+        if state == "FAILED" or not st.run_dir:
+            text = ""
             with contextlib.suppress(Exception):
-                st.failures = failures_from_logs(client.get_job_logs(sid))
+                text = client.get_job_logs(sid)
+            if state == "FAILED":
+                st.failures = failures_from_logs(text)
+            if not st.run_dir:  # chosen on the cluster (aitrain.submit without run_root): the driver says where
+                m = re.search(r"backend ray; run dir (\S+)", text)
+                st.run_dir = m.group(1) if m else ""
         return st
 
     def logs(self, handle: str, *, follow: bool = False, rank: int | None = None,
              poll_s: float = 0.5) -> Iterator[str]:
         """The job's output (every rank, prefixed), or one rank's; --follow until the job ends."""
         dashboard, sid = parse_handle(handle, self.environ)
+        if rank is not None:
+            own = self._rank_log(f"ray://{dashboard}/{sid}", rank)
+            if own is not None:  # the rank's own full log (the job's output folds repeated lines)
+                yield from _follow_file(own, lambda: not follow or self.status(f"ray://{dashboard}/{sid}").done,
+                                        poll_s)
+                return
         client = self.jobs_client(dashboard)
         prefix = None if rank is None else f"[rank{rank} "
         seen = 0
         partial = ""
         while True:
             done = not follow or self.status(f"ray://{dashboard}/{sid}").done
-            text = client.get_job_logs(sid)
+            try:
+                text = client.get_job_logs(sid)
+            except Exception as e:
+                raise connection_error(RayAddress("jobs", f"http://{dashboard}"), e) from e
             chunk, seen = text[seen:], len(text)
             chunk = partial + chunk
             lines = chunk.split("\n")
@@ -420,13 +437,25 @@ class RayBackend:
                 return
             time.sleep(poll_s)
 
+    def _rank_log(self, handle: str, rank: int) -> Path | None:
+        """``<run dir>/logs/<node>/rank<N>.log`` when the run dir is on this machine (shared FS)."""
+        try:
+            run_dir = self.status(handle).run_dir
+        except Exception:  # noqa: BLE001 - fall back to the job's output
+            return None
+        found = sorted(Path(run_dir).glob(f"logs/*/rank{rank}.log")) if run_dir else []
+        return found[0] if found else None
+
     def cancel(self, handle: str) -> str:
         """Idempotent: cancelling a finished or unknown job is not an error."""
         st = self.status(handle)
         if st.done:
             return f"{st.handle} is not running ({st.state}); nothing to cancel"
         dashboard, sid = parse_handle(handle, self.environ)
-        self.jobs_client(dashboard).stop_job(sid)
+        try:
+            self.jobs_client(dashboard).stop_job(sid)
+        except Exception as e:
+            raise connection_error(RayAddress("jobs", f"http://{dashboard}"), e) from e
         return f"cancelled {st.handle}"
 
     # -- driving the job from this process ------------------------------------------------------
@@ -450,7 +479,10 @@ class RayBackend:
             yield ray
             return
         kwargs: dict[str, Any] = {"namespace": "aitrain", "log_to_driver": False, "logging_level": logging.WARNING}
-        if self.opts.runtime_env:
+        from aitrain.launcher.environment import detect
+
+        if self.opts.runtime_env and detect(self.environ).kind != "ray":
+            # (inside a Jobs API job the job already has it: the submission's runtime_env)
             kwargs["runtime_env"] = dict(self.opts.runtime_env)
         if embedded:
             from aitrain.launcher.ray_group import worker_resources
@@ -513,6 +545,25 @@ class RayBackend:
                       f"(restart {attempt + 1} of at most {self.opts.max_failures}) from the latest checkpoint",
                       flush=True)
         return 0
+
+
+def _follow_file(path: Path, done: Callable[[], bool], poll_s: float) -> Iterator[str]:
+    """A file's lines; then, until ``done()``, the lines appended to it."""
+    offset, partial = 0, ""
+    while True:
+        finished = done()
+        with open(path, errors="replace") as f:
+            f.seek(offset)
+            chunk = f.read()
+            offset = f.tell()
+        lines = (partial + chunk).split("\n")
+        partial = lines.pop()
+        if finished and partial:
+            lines.append(partial)
+        yield from lines
+        if finished:
+            return
+        time.sleep(poll_s)
 
 
 def _no_running_cluster() -> bool:

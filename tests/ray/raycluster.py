@@ -25,15 +25,25 @@ TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range (where Ray's own components bind theirs) and
+    above Ray's worker ports (10002-19999) and client servers (23000-23999)."""
+    import random
+
+    while True:
+        port = random.randint(24000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def base_env(tmp: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)  # aitrain must turn token auth on by itself
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -78,10 +88,13 @@ class LocalHead:
 
     def up(self) -> "LocalHead":
         ray_stop()
+        # Token auth on (a token is created if this machine has none), as `ray start --head`
+        # does wherever a token exists: clients must cope with it.
         r = subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                             f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                             f"--ray-client-server-port={self.client_port}", f"--num-cpus={self.num_cpus}",
-                            "--disable-usage-stats"], env=self.env(), capture_output=True, text=True, timeout=180)
+                            f"--resources={json.dumps({'accel': 4})}", "--disable-usage-stats"],
+                           env=dict(self.env(), RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"ray start --head failed: {r.stderr[-2000:]}")
         wait_jobs_api(self.jobs, self.env())
@@ -92,6 +105,7 @@ class LocalHead:
 
 
 def wait_jobs_api(url: str, env: dict[str, str], timeout: float = 60) -> None:
+    import urllib.error
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -99,8 +113,11 @@ def wait_jobs_api(url: str, env: dict[str, str], timeout: float = 60) -> None:
         try:
             urllib.request.urlopen(f"{url}/api/version", timeout=2)
             return
-        except Exception:  # noqa: BLE001
+        except urllib.error.HTTPError:  # it answers (401 without a token): it is up
+            return
+        except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.5)
+    raise RuntimeError(f"the Jobs API at {url} did not come up in {timeout}s")
 
 
 _STATE = """

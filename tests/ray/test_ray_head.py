@@ -45,14 +45,19 @@ def assert_nothing_left(head: LocalHead) -> None:
 
 
 def test_job_through_the_ray_client(head: LocalHead, tmp_path: Path) -> None:
-    r = aitrain(["launch", "backend=ray", f"backend.address={head.client}", "+strategy=ddp", "nproc_per_node=2",
-                 "train.steps=4", *TINY], tmp_path, head.env(tmp_path))
+    # Two job nodes packed onto the one Ray node, each rank holding one unit of a custom resource.
+    r = aitrain(["launch", "backend=ray", f"backend.address={head.client}", "+strategy=ddp", "nnodes=2",
+                 "nproc_per_node=1", "backend.placement=pack", "backend.cpus_per_worker=0.5",
+                 "+backend.resources_per_worker.accel=1", "train.steps=4", *TINY], tmp_path, head.env(tmp_path))
     assert r.returncode == 0, r.stderr + r.stdout
     lines = [x for x in r.stdout.splitlines() if x.startswith("[rank")]
-    assert "[rank0 node0]:step 4/4" in lines[-1] or any("step 4/4" in x for x in lines)
-    assert all(x.startswith(("[rank0 node0]:", "[rank1 node0]:")) for x in lines)
+    assert any(x.startswith("[rank0 node0]:step 4/4") for x in lines)
+    assert all(x.startswith(("[rank0 node0]:", "[rank1 node1]:")) for x in lines)
     run_dir = run_dir_of(r.stdout)
-    assert {p.name for p in (run_dir / "logs" / "node0").glob("rank*.log")} == {"rank0.log", "rank1.log"}
+    assert (run_dir / "logs" / "node0" / "rank0.log").exists() and (run_dir / "logs" / "node1" / "rank1.log").exists()
+    ranks = json.loads((run_dir / "ray-ranks.json").read_text())
+    assert len({x["ray_node_id"] for x in ranks["ranks"]}) == 1  # packed
+    assert ranks["rendezvous"].startswith("127.0.0.1:")  # one machine: loopback
     assert_nothing_left(head)
 
 
@@ -60,9 +65,9 @@ def test_failing_rank_takes_the_group_down(head: LocalHead, tmp_path: Path) -> N
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     t0 = time.monotonic()
-    r = aitrain(["launch", "backend=ray", f"backend.address={head.gcs}", f"script={FAIL_SCRIPT}", "nproc_per_node=2",
+    r = aitrain(["launch", "backend=ray", f"script={FAIL_SCRIPT}", "nproc_per_node=2",
                  "tracking=none", "fabric.env.FAIL_RANK=1", f"fabric.env.PID_DIR={pid_dir}"],
-                tmp_path, head.env(tmp_path))
+                tmp_path, dict(head.env(tmp_path), RAY_ADDRESS=head.gcs))
     assert r.returncode == 1, r.stdout
     assert time.monotonic() - t0 < 90
     assert "the job failed: rank 1 on node0 exited with code 1" in r.stderr
@@ -109,10 +114,13 @@ def test_jobs_api_handle(head: LocalHead, tmp_path: Path) -> None:
     assert follow.returncode == 0 and "[rank0 node0]:step 3/3" in follow.stdout, follow.stdout + follow.stderr
     st = json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)
     assert st["state"] == "SUCCEEDED" and Path(st["run_dir"]).is_dir()
-    only = aitrain(["logs", handle, "--rank", "0"], tmp_path, env).stdout.splitlines()
-    assert only and all(x.startswith("[rank0 ") for x in only)
+    only = aitrain(["logs", handle, "--rank", "0"], tmp_path, env).stdout  # the rank's own log file
+    assert "step 3/3" in only and "[rank1" not in only
     again = aitrain(["cancel", handle], tmp_path, env)
     assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    # Without a token the Jobs API refuses, and the error says what to do about it.
+    no_token = aitrain(["status", handle], tmp_path, dict(env, HOME=str(tmp_path)))
+    assert no_token.returncode != 0 and "auth_token" in no_token.stderr and "RAY_AUTH_MODE" in no_token.stderr
     assert_nothing_left(head)
 
 
