@@ -116,7 +116,10 @@ class JobsApiJob(Job):
     def status(self) -> JobState:
         st = self._backend.status(self.handle)
         self.run_dir = st.run_dir or self.run_dir
-        message = "\n".join(f["message"] for f in st.failures) or st.message
+        message = st.message
+        if st.failures:  # root cause first, then the failing rank's last lines from the driver's report
+            i = st.message.find("last lines of rank")
+            message = "\n".join(f["message"] for f in st.failures) + ("\n" + st.message[i:] if i >= 0 else "")
         return JobState(st.state if st.state != "UNKNOWN" else "FAILED", message, self.handle, st.run_dir)
 
     def lines(self, *, follow: bool = False, rank: int | None = None) -> Iterator[str]:
@@ -242,7 +245,7 @@ def submit(overrides: Sequence[str] = (), *, address: str | None = None, runtime
     from aitrain.launcher.backends.ray import RayBackend, entrypoint_argv, parse_address
 
     argv = _check(overrides)
-    addr = parse_address(address)
+    addr = parse_address(address or _value(argv, "backend.address"))
     if addr.kind == "jobs":
         backend = RayBackend(address=addr.value)
         run_root = _value(argv, "run_root")

@@ -239,3 +239,42 @@ def test_warm_interpreter_only_for_plain_python_programs() -> None:
     assert not warm_compatible(["/bin/sh", "x"], {}, {})
     assert not warm_compatible([py, "s.py"], {}, {"LD_PRELOAD": "x.so"})
     assert not warm_compatible([py, "s.py"], {"PYTHONPATH": "a"}, {"PYTHONPATH": "b"})
+
+
+# -- the Jobs API side with a stand-in client (the backend takes it as an argument) ------------
+
+
+class FakeJobs:
+    def __init__(self, state: str, logs: str, metadata: dict | None = None) -> None:
+        self.state, self.text, self.metadata, self.stopped = state, logs, metadata or {}, []
+
+    def get_job_info(self, sid: str):
+        from types import SimpleNamespace
+
+        if sid != "raysubmit_x":
+            raise RuntimeError("Job raysubmit_y does not exist")
+        return SimpleNamespace(status=self.state, message="", metadata=self.metadata, entrypoint="e",
+                               start_time=1000, end_time=None)
+
+    def get_job_logs(self, sid: str) -> str:
+        return self.text
+
+    def stop_job(self, sid: str) -> None:
+        self.stopped.append(sid)
+        self.state = "STOPPED"
+
+
+def test_status_logs_cancel_through_the_jobs_api() -> None:
+    logs = ("aitrain: 2 rank(s), strategy ddp, backend ray; run dir /r/d\n[rank0 node0]:step 1/9\n"
+            "[rank1 node1]:x\naitrain: error: the job failed: rank 1 on node1 exited with code 2\n")
+    fake = FakeJobs("FAILED", logs)
+    b = RayBackend(jobs_client=lambda dashboard: fake)
+    st = b.status("ray://h:8265/raysubmit_x")
+    assert st.state == "FAILED" and st.run_dir == "/r/d" and st.failures[0]["node"] == "node1"
+    assert b.status("ray://h:8265/raysubmit_y").state == "UNKNOWN"
+    assert list(b.logs("ray://h:8265/raysubmit_x", rank=0)) == ["[rank0 node0]:step 1/9"]
+    assert "nothing to cancel" in b.cancel("ray://h:8265/raysubmit_x") and not fake.stopped
+    running = FakeJobs("RUNNING", "", {"aitrain.run_dir": "/r/e"})
+    b = RayBackend(jobs_client=lambda dashboard: running)
+    assert b.status("raysubmit_x").run_dir == "/r/e"
+    assert b.cancel("ray://h:8265/raysubmit_x").startswith("cancelled") and running.stopped == ["raysubmit_x"]
