@@ -11,7 +11,6 @@ import os
 import shlex
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from typing import Any, Callable
 

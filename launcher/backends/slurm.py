@@ -389,7 +389,7 @@ class SlurmBackend:
     def _srun(self, slurm: SlurmEnvironment, extra: Sequence[str] = ()) -> list[str]:
         n = str(slurm.nnodes)
         return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-                f"--job-name=aitrain-agents", *self.opts.srun_args, *extra]
+                "--job-name=aitrain-agents", *self.opts.srun_args, *extra]
 
     def _allocation_request(self, spec: JobSpec) -> AllocationRequest:
         slurm = SlurmEnvironment.from_env(self.environ)

@@ -10,7 +10,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from aitrain.launcher.node.watchdog import (HangWatchdog, RankReport, dump_stack_faulthandler, find_behind,
                                             render_text, waiting_collective)

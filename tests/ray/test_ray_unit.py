@@ -4,7 +4,6 @@ rank actor's process handling (a plain class: run here with real child processes
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import REPO, aitrain, alive, base_env  # noqa: E402
+from raycluster import aitrain, alive, base_env  # noqa: E402
 
 from aitrain.errors import BackendError, ConfigError  # noqa: E402
 from aitrain.launcher.backends.ray import (  # noqa: E402

@@ -186,7 +186,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, 
     assert st["restarts"] == 1
     assert "stopping at step" in out and "requeueing job" in out
     stopped = int(out.split("stopping at step ")[1].split()[0])
-    assert f"resumed from" in out and f"(step {stopped}," in out
+    assert "resumed from" in out and f"(step {stopped}," in out
     runs, client = mlflow_runs(tmp_path)
     by_restart = {r.data.tags.get("slurm.restart_count"): r for r in runs}
     assert set(by_restart) == {"0", "1"}
