@@ -24,8 +24,8 @@ RANK_PROGRAM = textwrap.dedent("""
         progress.step(step)
     progress.mark("checkpoint")
     if sys.argv[1:] == ["wait"]:
-        print("ready", flush=True)
         def stuck_here():
+            print("ready", flush=True)  # from inside: a signal after "ready" finds this frame
             time.sleep(60)
         stuck_here()
     progress.done()
