@@ -57,13 +57,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from aitrain.errors import AitrainError
+    from aitrain.launcher.fabric_args import run_exit_2_on_error
 
-    try:
-        return _run(args)
-    except AitrainError as e:
-        e.exit_code = 2
-        raise
+    return run_exit_2_on_error(_run, args)
 
 
 def default_route_address(host: Any) -> str | None:

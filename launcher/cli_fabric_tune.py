@@ -60,13 +60,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from aitrain.errors import AitrainError
+    from aitrain.launcher.fabric_args import run_exit_2_on_error
 
-    try:
-        return _run(args)
-    except AitrainError as e:
-        e.exit_code = 2
-        raise
+    return run_exit_2_on_error(_run, args)
 
 
 def local_nccl_version() -> str | None:

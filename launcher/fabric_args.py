@@ -4,6 +4,7 @@ into host topologies."""
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from aitrain.fabric.topology import HostTopology
 
@@ -71,3 +72,14 @@ def write_stdout(text: str) -> None:
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+
+
+def run_exit_2_on_error(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a fabric subcommand; an AitrainError means it could not run at all: exit code 2."""
+    from aitrain.errors import AitrainError
+
+    try:
+        return fn(args)
+    except AitrainError as e:
+        e.exit_code = 2
+        raise

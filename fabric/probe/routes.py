@@ -166,18 +166,13 @@ class NetState:
 
 def read_net_state(proc: Root) -> NetState:
     state = NetState()
-    route_text = proc.read_text("net/route")
-    if route_text is not None:
-        routes, problems = parse_route(route_text)
+    for rel, parse in (("net/route", parse_route), ("net/ipv6_route", parse_ipv6_route)):
+        text = proc.read_text(rel)
+        if text is None:
+            continue
+        routes, problems = parse(text)
         for p in problems:
-            proc.warn(proc.join("net/route"), f"skipped {p}")
-        state.routes.extend(routes)
-        state.routes_known = True
-    v6_text = proc.read_text("net/ipv6_route")
-    if v6_text is not None:
-        routes, problems = parse_ipv6_route(v6_text)
-        for p in problems:
-            proc.warn(proc.join("net/ipv6_route"), f"skipped {p}")
+            proc.warn(proc.join(rel), f"skipped {p}")
         state.routes.extend(routes)
         state.routes_known = True
     trie = proc.read_text("net/fib_trie")
