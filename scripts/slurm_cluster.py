@@ -203,11 +203,24 @@ class SlurmCluster:
             time.sleep(0.5)
         raise RuntimeError(f"Slurm nodes not idle after {timeout}s: {last!r}; logs in {self.root}")
 
+    def _controller_alive(self) -> bool:
+        """True when the slurmctld this cluster started is still running."""
+        try:
+            pid = int((self.root / "slurmctld.pid").read_text().split()[0])
+            return Path(f"/proc/{pid}/comm").read_text().strip() == "slurmctld"
+        except (OSError, ValueError, IndexError):
+            return False
+
     def down(self) -> None:
         """Cancel jobs, stop the daemons, remove the rig (idempotent)."""
         env = dict(os.environ, **self.env())
-        if self.conf.exists():
-            subprocess.run(["scancel", "--full", "-u", "root"], env=env, capture_output=True, timeout=10)
+        if self._controller_alive():
+            # Only while our slurmctld runs: a stale slurm.conf from an earlier run names a controller
+            # address that no longer exists, and scancel would retry towards the default route.
+            try:
+                subprocess.run(["scancel", "--full", "-u", "root"], env=env, capture_output=True, timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
         pids = [p.pid for p in self.procs]
         pid_file = self.root / "pids.json"
         if pid_file.exists():
