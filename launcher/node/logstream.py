@@ -140,7 +140,9 @@ class RankStreams:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.console = console
         self.poll_ms = poll_ms
-        self.pipe_dir = Path(tempfile.mkdtemp(prefix="aitrain-ranks-"))
+        # Made when the first rank is spawned: an agent stopped before that (a failed smoke gate,
+        # a cancelled allocation) leaves nothing in /tmp behind.
+        self.pipe_dir: Path | None = None
         self._files: dict[int, Any] = {}
         self._sources: dict[int, _Source] = {}
         self._new: list[_Source] = []
@@ -158,6 +160,8 @@ class RankStreams:
         """Named pipes for one rank's stdout and stderr, already open for reading."""
         paths = []
         with self._lock:
+            if self.pipe_dir is None:
+                self.pipe_dir = Path(tempfile.mkdtemp(prefix="aitrain-ranks-"))
             f = self._files.get(rank)
             if f is None:
                 f = self._files[rank] = open(self.rank_log(rank), "ab")
@@ -261,7 +265,8 @@ class RankStreams:
             for f in self._files.values():
                 f.close()
             self.console.close()
-            shutil.rmtree(self.pipe_dir, ignore_errors=True)
+            if self.pipe_dir is not None:
+                shutil.rmtree(self.pipe_dir, ignore_errors=True)
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait until what the ranks wrote so far is in their log files."""

@@ -97,3 +97,10 @@ def test_rank_streams_keep_every_line_of_every_rank(tmp_path: Path) -> None:
     assert "[rank0]:out of 0" in console_lines and "[rank0]:err of 0" in console_lines
     assert not any(line.startswith("[rank1") for line in console_lines)
     assert not os.path.exists(streams.pipe_dir)
+
+
+def test_an_agent_stopped_before_spawning_ranks_leaves_no_pipe_dir(tmp_path: Path) -> None:
+    out = io.StringIO()
+    streams = RankStreams(tmp_path / "logs", Console(out, out))
+    streams.stop()
+    assert streams.pipe_dir is None
