@@ -22,7 +22,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from aitrain.errors import FabricError
 from aitrain.fabric.topology import HostTopology
@@ -264,15 +264,29 @@ def precheck_nodes(nodes: Sequence[Node], timeout: float = 30.0) -> dict[str, st
     return problems
 
 
+GroupsRunner = Callable[[list[list[str]]], list[NodesRun]]
+"""Runs the smoke program over several disjoint groups of node names at once."""
+
+
+def agent_groups_runner(nodes: dict[str, Node], run_dir: Path, timeout: float,
+                        nproc_per_node: int = 1) -> GroupsRunner:
+    """Smoke groups run by one node agent per node (nsenter, srun, or this host)."""
+    rounds = iter(range(1, 1 << 30))
+
+    def run(groups: list[list[str]]) -> list[NodesRun]:
+        return run_groups([[nodes[n] for n in g] for g in groups], smoke_argv(timeout),
+                          nproc_per_node=nproc_per_node, timeout=timeout + SMOKE_STARTUP_S,
+                          rdzv_timeout=timeout, run_dir=run_dir / f"round{next(rounds)}")
+
+    return run
+
+
 @dataclass
 class SmokeRunner:
     """``run_groups`` for :func:`aitrain.fabric.smoke.find_bad_nodes` over real nodes.
     Groups holding a node whose precheck failed fail at once, without starting anything."""
 
-    nodes: dict[str, Node]
-    run_dir: Path
-    timeout: float = 30.0
-    nproc_per_node: int = 1
+    run: GroupsRunner
     failed_precheck: dict[str, str] = field(default_factory=dict)
     runs: list[NodesRun] = field(default_factory=list)
     rounds: int = 0
@@ -280,9 +294,7 @@ class SmokeRunner:
     def __call__(self, groups: list[list[str]]) -> list[bool]:
         self.rounds += 1
         live = [g for g in groups if not set(g) & set(self.failed_precheck)]
-        runs = run_groups([[self.nodes[n] for n in g] for g in live], smoke_argv(self.timeout),
-                          nproc_per_node=self.nproc_per_node, timeout=self.timeout + SMOKE_STARTUP_S,
-                          rdzv_timeout=self.timeout, run_dir=self.run_dir / f"round{self.rounds}") if live else []
+        runs = self.run(live) if live else []
         self.runs.extend(runs)
         by_group = {tuple(g): r.ok for g, r in zip(live, runs)}
         return [by_group.get(tuple(g), False) for g in groups]
@@ -339,23 +351,32 @@ def smoke_test(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeou
     """The pre-launch smoke test: each node checks its own socket interface; a short
     all_reduce then runs over every node that passed; when it fails or times out the
     nodes are bisected to the bad one(s) (:func:`aitrain.fabric.smoke.find_bad_nodes`)."""
+    run_dir = Path(run_dir)
+    by_name = {n.name: n for n in nodes}
+    full = agent_groups_runner(by_name, run_dir / "smoke-all", timeout, nproc_per_node)
+    return smoke_over([n.name for n in nodes], precheck=lambda names: precheck_nodes([by_name[n] for n in names]),
+                      run_full=lambda names: full([names])[0],
+                      run_groups=agent_groups_runner(by_name, run_dir / "bisect", timeout, nproc_per_node),
+                      bisect=bisect)
+
+
+def smoke_over(names: Sequence[str], *, precheck: Callable[[list[str]], dict[str, str]],
+               run_full: Callable[[list[str]], NodesRun], run_groups: GroupsRunner,
+               bisect: bool = True) -> SmokeReport:
+    """:func:`smoke_test` for any way of running things on nodes (agents, Ray actors):
+    ``precheck(names) -> {name: problem}``, ``run_full(names)`` the smoke over them all,
+    ``run_groups(groups)`` disjoint groups at once for the bisection."""
     from aitrain.fabric.smoke import find_bad_nodes
 
-    run_dir = Path(run_dir)
-    report = SmokeReport(nodes=[n.name for n in nodes], precheck=precheck_nodes(nodes))
-    rest = [n for n in nodes if n.name not in report.precheck]
+    report = SmokeReport(nodes=list(names), precheck=precheck(list(names)))
+    rest = [n for n in names if n not in report.precheck]
     if len(rest) < 2:
-        if len(nodes) == 1 and not report.precheck:  # one node: the all_reduce stays on it
-            report.full = run_on_nodes(nodes, smoke_argv(timeout), nproc_per_node=nproc_per_node,
-                                       timeout=timeout + SMOKE_STARTUP_S, rdzv_timeout=timeout,
-                                       run_dir=run_dir / "smoke-all")
+        if len(names) == 1 and not report.precheck:  # one node: the all_reduce stays on it
+            report.full = run_full(list(names))
         return report
-    report.full = run_on_nodes(rest, smoke_argv(timeout), nproc_per_node=nproc_per_node,
-                               timeout=timeout + SMOKE_STARTUP_S, rdzv_timeout=timeout,
-                               run_dir=run_dir / "smoke-all")
+    report.full = run_full(rest)
     if not report.full.ok and bisect:
-        runner = SmokeRunner({n.name: n for n in rest}, run_dir / "bisect", timeout, nproc_per_node)
-        report.bisect = find_bad_nodes([n.name for n in rest], runner, initial_passed=False)
+        report.bisect = find_bad_nodes(rest, SmokeRunner(run_groups), initial_passed=False)
     return report
 
 

@@ -106,6 +106,15 @@ class Failure:
         return bool(COLLATERAL.search(self.message + "\n" + "\n".join(self.tail[-5:])))
 
 
+class NodesExcluded(Exception):
+    """The smoke test proved Ray nodes bad and ``fabric.exclude_bad_nodes=true``: the backend
+    places the job again without them (``job_nodes`` fewer job nodes)."""
+
+    def __init__(self, message: str, ray_node_ids: list[str], job_nodes: int) -> None:
+        super().__init__(message)
+        self.message, self.ray_node_ids, self.job_nodes = message, ray_node_ids, job_nodes
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -116,8 +125,10 @@ class RankGroup:
     """One attempt: placement group, actors, probe and tune, ranks, output, teardown."""
 
     def __init__(self, ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str],
-                 files: dict[str, str], cwd: str | None, out: Callable[[str], None] | None = None) -> None:
+                 files: dict[str, str], cwd: str | None, out: Callable[[str], None] | None = None,
+                 exclude_nodes: list[str] | None = None) -> None:
         self.ray, self.spec, self.opts, self.attempt = ray, spec, opts, attempt
+        self.exclude_nodes = list(exclude_nodes or [])  # Ray node ids a smoke test proved bad
         self.argv, self.files, self.cwd = argv, files, cwd
         self.say = out or (lambda s: print(s, flush=True))
         self.slots = rank_slots(spec.nnodes, spec.nproc_per_node)
@@ -135,7 +146,13 @@ class RankGroup:
 
         bundles = node_bundles(self.opts, self.spec.nnodes, self.spec.nproc_per_node)
         strategy = STRATEGIES[self.opts.placement]
-        self.pg = placement_group(bundles, strategy=strategy, name=f"{self.spec.name}-a{self.attempt}")
+        kwargs: dict[str, Any] = {}
+        if self.exclude_nodes:
+            from ray.util.placement_group import NODE_ID_LABEL_KEY
+
+            avoid = {NODE_ID_LABEL_KEY: f"!in({','.join(self.exclude_nodes)})"}
+            kwargs["bundle_label_selector"] = [dict(avoid) for _ in bundles]
+        self.pg = placement_group(bundles, strategy=strategy, name=f"{self.spec.name}-a{self.attempt}", **kwargs)
         try:
             self.ray.get(self.pg.ready(), timeout=self.opts.placement_timeout_s)
         except self.ray.exceptions.GetTimeoutError:
@@ -292,15 +309,56 @@ class RankGroup:
                     user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
                     profile=getattr(fabric, "profile", "auto"))
 
+    # -- 3b. the smoke all_reduce ------------------------------------------------------------
+
+    def smoke(self) -> Any:
+        """The pre-launch smoke all_reduce over the job's Ray nodes (one process per node, each
+        with its tuned env, rendezvous on the first node's tuned address), as for Slurm: on
+        failure bisection names the bad node(s); :class:`~aitrain.errors.FabricError` unless
+        ``fabric.exclude_bad_nodes=true`` lets the job go on without them. Returns the
+        :class:`~aitrain.launcher.fabric_nodes.SmokeOutcome`, or None when no smoke ran; raises
+        :class:`NodesExcluded` when nodes are to be left out."""
+        from aitrain.launcher.fabric_nodes import Node, decide_after_smoke, smoke_over
+        from aitrain.launcher.tracking import record_phase
+
+        fabric = getattr(self.spec.config, "fabric", None)
+        phys = self.physical_nodes()
+        if len(phys) < 2 or (fabric is not None and not fabric.smoke):
+            return None
+        t0 = time.perf_counter()
+        runner = RaySmokeRunner(self, timeout=float(getattr(fabric, "smoke_timeout_s", 30.0)))
+        names = list(runner.names)
+        report = smoke_over(names, precheck=runner.precheck, run_full=lambda ns: runner.run_groups([ns])[0],
+                            run_groups=runner.run_groups)
+        record_phase(self.spec.run_dir, "smoke_test", time.perf_counter() - t0)
+        self._write_json("smoke.json", {"ok": report.ok, "summary": report.describe(), "precheck": report.precheck,
+                                        "bad": report.bad, "suspects": report.suspects,
+                                        "ray_nodes": {n: runner.ray_node(n) for n in names},
+                                        "node_ips": {n: runner.node_ip(n) for n in names},
+                                        "bisect": report.bisect.to_dict() if report.bisect is not None else None})
+        outcome = decide_after_smoke([Node(name=n) for n in names], report,
+                                     exclude_bad_nodes=bool(getattr(fabric, "exclude_bad_nodes", False)))
+        if outcome.excluded:
+            excluded = {runner.names[n] for n in outcome.excluded}
+            raise NodesExcluded(outcome.message, [runner.ray_node(n) for n in outcome.excluded],
+                                sum(len(ranks) for name, ranks in phys if name in excluded))
+        self.say(f"aitrain: ray: {outcome.message}")
+        return outcome
+
     # -- 4. ranks ---------------------------------------------------------------------------
+
+    def node_job_env(self, node_rank: int) -> dict[str, str]:
+        """The job env, the node's tuned env, and ``fabric.env`` (which always wins)."""
+        env = dict(self.spec.env)
+        env.update(self.node_env.get(node_rank, {}))
+        for k, v in (getattr(self.spec.config, "fabric", None) and self.spec.config.fabric.env or {}).items():
+            env[str(k)] = str(v)
+        return env
 
     def rank_env(self, s: RankSlot, port: int) -> dict[str, str]:
         spec = self.spec
         assert self.rendezvous is not None
-        env = dict(spec.env)
-        env.update(self.node_env.get(s.node_rank, {}))
-        for k, v in (getattr(spec.config, "fabric", None) and spec.config.fabric.env or {}).items():
-            env[str(k)] = str(v)  # fabric.env always wins
+        env = self.node_job_env(s.node_rank)
         env.update(
             RANK=str(s.rank), LOCAL_RANK=str(s.local_rank), WORLD_SIZE=str(spec.world_size),
             LOCAL_WORLD_SIZE=str(spec.nproc_per_node), GROUP_RANK=str(s.node_rank), NODE_RANK=str(s.node_rank),
@@ -467,6 +525,133 @@ class RankGroup:
             pass
 
 
+class RaySmokeRunner:
+    """Runs ``bench_rank --mode smoke|precheck`` on the first actor of each named Ray node
+    (``node<k>``, as :meth:`RankGroup.physical_nodes` names them)."""
+
+    PRECHECK_TIMEOUT_S = 60.0
+
+    def __init__(self, group: RankGroup, timeout: float) -> None:
+        from aitrain.launcher.fabric_nodes import SMOKE_STARTUP_S
+
+        self.group, self.ray, self.timeout = group, group.ray, timeout
+        self.deadline_s = timeout + SMOKE_STARTUP_S
+        first_actor = {s.node_rank: i for i, s in reversed(list(enumerate(group.slots)))}
+        # Nodes are named for the user as ``node<k>@<Ray's address of it>``: job node names
+        # follow placement, the address says which machine to fix or drain.
+        self.names: dict[str, str] = {}  # label -> job node name
+        self.actor_index: dict[str, int] = {}
+        self.node_rank: dict[str, int] = {}
+        for name, ranks in group.physical_nodes():
+            index = first_actor[ranks[0]]
+            label = f"{name}@{group.infos[index]['node_ip']}"
+            self.names[label], self.actor_index[label], self.node_rank[label] = name, index, ranks[0]
+        self.calls = 0
+
+    def actor(self, name: str) -> Any:
+        return self.group.actors[self.actor_index[name]]
+
+    def ray_node(self, name: str) -> str:
+        return str(self.group.infos[self.actor_index[name]]["node_id"])
+
+    def node_ip(self, name: str) -> str:
+        return str(self.group.infos[self.actor_index[name]]["node_ip"])
+
+    def address(self, name: str) -> str:
+        tuned = self.group.tuned.get(self.names[name]) or {}
+        return str(tuned.get("address") or self.node_ip(name))
+
+    def env(self, name: str) -> dict[str, str]:
+        return {**self.group.node_job_env(self.node_rank[name]), "AITRAIN_NODE_NAME": self.names[name]}
+
+    def precheck(self, names: list[str]) -> dict[str, str]:
+        """{node: problem} for nodes whose own socket interface is missing or down."""
+        args = ["-m", "aitrain.fabric.bench_rank", "--mode", "precheck"]
+        refs = [self.actor(n).run_once.remote(f"precheck-{n}", args, self.env(n), self.PRECHECK_TIMEOUT_S)
+                for n in names]
+        problems = {}
+        for n, ref in zip(names, refs):
+            try:
+                r = self.ray.get(ref, timeout=self.PRECHECK_TIMEOUT_S + 30)
+            except Exception as e:  # noqa: BLE001 - a dead actor or node is a bad node
+                problems[n] = f"the interface check could not run: {_first_line(e)}"
+                continue
+            if r["exit"] != 0:
+                last = [x for x in r["lines"] if x.strip()]
+                problems[n] = last[-1] if last else ("the interface check did not answer" if r["exit"] is None
+                                                     else f"exit {r['exit']}")
+        return problems
+
+    def run_groups(self, groups: list[list[str]]) -> list[Any]:
+        """The smoke all_reduce over each group at once; a group is stopped at its first failure."""
+        from aitrain.launcher.agent import AgentResult
+        from aitrain.launcher.fabric_nodes import NodesRun, smoke_argv
+
+        self.calls += 1
+        args = smoke_argv(self.timeout)[1:]  # the actor runs its own Python
+        t0 = time.monotonic()
+        pending: dict[Any, tuple[int, str]] = {}
+        keys, runs = [], []
+        for gi, group in enumerate(groups):
+            key = f"smoke-{self.calls}-{gi}"
+            keys.append(key)
+            runs.append(NodesRun(nodes=list(group), run_dir=str(self.group.spec.run_dir)))
+            master = self.address(group[0])
+            try:
+                port = int(self.ray.get(self.actor(group[0]).free_port.remote(master), timeout=60))
+            except Exception as e:  # noqa: BLE001 - the first node cannot even bind its address
+                runs[gi].results[group[0]] = AgentResult(False, 1, f"cannot bind {master}: {_first_line(e)}")
+                continue
+            for i, name in enumerate(group):
+                env = {**self.env(name), "RANK": str(i), "LOCAL_RANK": "0", "WORLD_SIZE": str(len(group)),
+                       "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(i), "MASTER_ADDR": master,
+                       "MASTER_PORT": str(port)}
+                ref = self.actor(name).run_once.remote(key, args, env, self.deadline_s)
+                pending[ref] = (gi, name)
+        failed: set[int] = {gi for gi, r in enumerate(runs) if r.results}
+        for gi in failed:
+            self._stop(groups[gi], keys[gi])
+        deadline = t0 + self.deadline_s + 15
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                gi, name = pending.pop(ref)
+                try:
+                    r = self.ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - the actor or its node died
+                    r = {"exit": 1, "lines": [f"lost its Ray worker ({_first_line(e)})"]}
+                code = r["exit"]
+                runs[gi].exit_codes[name] = code
+                last = [x for x in r["lines"] if x.strip()]
+                msg = last[-1] if last else ("timed out" if code is None else f"exit {code}")
+                runs[gi].results[name] = AgentResult(code == 0, code if code is not None else 124, msg)
+                if code != 0 and gi not in failed:
+                    failed.add(gi)
+                    self._stop(groups[gi], keys[gi])
+        for ref, (gi, name) in pending.items():  # past the deadline: stop whoever is left
+            runs[gi].timed_out = True
+            runs[gi].exit_codes[name] = None
+            self._stop(groups[gi], keys[gi])
+        elapsed = time.monotonic() - t0
+        for gi, run in enumerate(runs):
+            run.elapsed_s = elapsed
+            run.ok = (not run.timed_out and len(run.exit_codes) == len(groups[gi])
+                      and all(c == 0 for c in run.exit_codes.values()))
+            if not run.ok and not run.timed_out and all(c is None or c == 0 for c in run.exit_codes.values()) \
+                    and any(c is None for c in run.exit_codes.values()):
+                run.timed_out = True  # every member that ended on its own was fine: the rest hung
+        return runs
+
+    def _stop(self, group: list[str], key: str) -> None:
+        for name in group:
+            try:
+                self.actor(name).stop_once.remote(key)
+            except Exception:  # noqa: BLE001 - a dead actor
+                pass
+
+
 def describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -495,13 +680,14 @@ def failure_message(failures: list[Failure]) -> str:
 
 
 def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], files: dict[str, str],
-              cwd: str | None) -> list[Failure]:
+              cwd: str | None, exclude_nodes: list[str] | None = None) -> list[Failure]:
     """One attempt, torn down whatever happens; returns its failures ([] when every rank exited 0).
 
     SIGTERM/SIGHUP (``ray job stop``, ``Job.cancel()``) and Ctrl-C tear the group down and
     raise :class:`Interrupted` (or KeyboardInterrupt).
     """
-    group = RankGroup(ray, spec, opts, attempt=attempt, argv=argv, files=files, cwd=cwd)
+    group = RankGroup(ray, spec, opts, attempt=attempt, argv=argv, files=files, cwd=cwd,
+                      exclude_nodes=exclude_nodes)
     old: dict[int, Any] = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -519,6 +705,8 @@ def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], 
         marks.append(("actors", time.time()))
         group.tune()
         marks.append(("probe_tune", time.time()))
+        if group.smoke() is not None:
+            marks.append(("smoke", time.time()))
         group.start_ranks()
         marks.append(("ranks_started", time.time()))
         group.record_timings(marks)

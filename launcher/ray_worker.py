@@ -46,6 +46,13 @@ def _write_if_missing(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _child_setup() -> None:
     os.setsid()  # a stop signals the rank's whole process group
     from aitrain.launcher.supervise import set_parent_death_signal
@@ -71,6 +78,8 @@ class RankActor:
         self._log_path: Path | None = None
         self._log_ready = threading.Event()
         self._warm: subprocess.Popen[bytes] | None = None
+        self._once: dict[str, subprocess.Popen[bytes]] = {}
+        self._once_stopped: set[str] = set()
         self._warm_env = {**os.environ, **(job_env or {})}
         self._warm_imports = ",".join(warm_imports) if warm_imports else DEFAULT_WARM_IMPORTS
         if prespawn:
@@ -100,6 +109,42 @@ class RankActor:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((address, 0))
             return int(s.getsockname()[1])
+
+    # -- short programs before the rank (the pre-launch smoke all_reduce) -------------
+
+    def run_once(self, key: str, args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+        """Run ``python args...`` on this node to completion (killed after ``timeout``); its exit
+        code (None: timed out or stopped) and last lines. ``stop_once(key)`` stops it early."""
+        if key in self._once_stopped:  # its group was stopped before this node got to start it
+            return {"exit": None, "lines": [], "node": self.node}
+        proc = subprocess.Popen([sys.executable, *args], env={**self._warm_env, **env}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+        with self._cond:
+            self._once[key] = proc
+            stopped = key in self._once_stopped
+        if stopped:
+            _kill_group(proc)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, _ = proc.communicate()
+            code = None
+        finally:
+            with self._cond:
+                self._once.pop(key, None)
+        if key in self._once_stopped:
+            code = None
+        lines = out.decode(errors="replace").splitlines()
+        return {"exit": code, "lines": lines[-TAIL_LINES:], "node": self.node}
+
+    def stop_once(self, key: str) -> None:
+        with self._cond:
+            self._once_stopped.add(key)
+            proc = self._once.get(key)
+        if proc is not None:
+            _kill_group(proc)
 
     # -- the rank process -----------------------------------------------------------
 
@@ -267,6 +312,10 @@ class RankActor:
 
     def stop(self, grace_s: float = 3.0) -> int | None:
         """SIGTERM the rank's process group, SIGKILL what is left after ``grace_s`` (idempotent)."""
+        with self._cond:
+            once = list(self._once.values())
+        for p in once:
+            _kill_group(p)
         proc = self._proc
         if proc is not self._warm:
             self._discard_warm()
@@ -358,6 +407,11 @@ def warm_main() -> int:
     kind, target, args = prog
     sys.argv = [target, *args]
     sys.path[0] = os.getcwd() if kind == "module" else os.path.dirname(os.path.abspath(target))
+    import warnings
+
+    # The warm-up imported the module: runpy's "found in sys.modules" warning is expected here.
+    warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package",
+                            category=RuntimeWarning)
     try:
         if kind == "module":
             runpy.run_module(target, run_name="__main__", alter_sys=True)

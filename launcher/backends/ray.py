@@ -513,13 +513,15 @@ class RayBackend:
 
     def run(self, req: RayRequest) -> int:
         """Drive the job: place, probe, tune, run the ranks; restart up to max_failures times."""
-        from aitrain.launcher.ray_group import Interrupted, job_config_for_attempt, raise_failed, run_group
+        from aitrain.launcher.ray_group import (Interrupted, NodesExcluded, job_config_for_attempt, raise_failed,
+                                                run_group)
 
         spec = req.spec
         config_file = spec.run_dir / "job.yaml"
         files = {str(config_file): config_file.read_text()} if config_file.is_file() else {}
         cwd = None if (self.opts.runtime_env or {}).get("working_dir") else os.getcwd()
         argv = list(spec.argv)
+        excluded: list[str] = []  # Ray nodes the smoke test proved bad (fabric.exclude_bad_nodes=true)
         with self.connect(spec) as ray:
             for attempt in range(self.opts.max_failures + 1):
                 if attempt and str(config_file) in argv:
@@ -529,7 +531,16 @@ class RayBackend:
                     files = {str(path): text}
                     argv = [str(path) if a == str(config_file) else a for a in spec.argv]
                 try:
-                    failures = run_group(ray, spec, self.opts, attempt=attempt, argv=argv, files=files, cwd=cwd)
+                    while True:
+                        try:
+                            failures = run_group(ray, spec, self.opts, attempt=attempt, argv=argv, files=files,
+                                                 cwd=cwd, exclude_nodes=excluded)
+                            break
+                        except NodesExcluded as e:
+                            # Placed again without them: not a failure of the job, no restart used.
+                            print(f"aitrain: ray: {e.message}", flush=True)
+                            excluded += e.ray_node_ids
+                            spec.nnodes -= e.job_nodes
                 except (Interrupted, KeyboardInterrupt) as e:
                     signum = e.signum if isinstance(e, Interrupted) else 2
                     name = "SIGINT" if signum == 2 else str(e)

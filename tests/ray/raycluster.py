@@ -8,6 +8,7 @@ job leaves no actor or placement group behind.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import socket
 import subprocess
@@ -167,3 +168,58 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+class NetnsRay:
+    """A Ray cluster of ``hosts`` nodes in network namespaces of a test rig: the head in the
+    first, a worker in each other; Ray talks over the throttled management network."""
+
+    def __init__(self, hosts: int, name: str, base: int) -> None:
+        import netns_rig
+
+        self.rig = netns_rig.Rig(hosts_count=hosts, name=name, base=base, controller_ip=True)
+        self.temp = Path(f"/tmp/{name}-ray")
+
+    @property
+    def head(self) -> Any:
+        return self.rig.hosts[0]
+
+    @property
+    def gcs(self) -> str:
+        return f"{self.head.mgmt_ip}:6379"
+
+    @property
+    def client(self) -> str:
+        return f"ray://{self.head.mgmt_ip}:10001"
+
+    def up(self) -> "NetnsRay":
+        ray_stop()
+        self.rig.up()
+        env = base_env()
+        for i, h in enumerate(self.rig.hosts):
+            if (Path.home() / ".ray" / "auth_token").exists() or env.get("RAY_AUTH_TOKEN"):
+                # The head turns token auth on when a token exists (it may have just made one);
+                # `ray start --address` on a worker node only joins with RAY_AUTH_MODE=token set.
+                env.setdefault("RAY_AUTH_MODE", "token")
+            where = (["--head", "--port=6379", "--ray-client-server-port=10001", "--include-dashboard=false"]
+                     if i == 0 else [f"--address={self.gcs}"])
+            r = subprocess.run([*h.nsenter(), str(BIN / "ray"), "start", *where, f"--node-ip-address={h.mgmt_ip}",
+                                f"--temp-dir={self.temp / h.name}", "--num-cpus=2", "--disable-usage-stats"],
+                               env=env, capture_output=True, text=True, timeout=180)
+            if r.returncode != 0:
+                raise RuntimeError(f"ray start on {h.name} failed: {r.stderr[-2000:]}")
+        return self
+
+    def down(self) -> None:
+        ray_stop()
+        self.rig.down()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def fabric_bytes(self) -> dict[str, int]:
+        """rx+tx bytes of fab0 in every namespace."""
+        out = {}
+        for h in self.rig.hosts:
+            text = subprocess.run([*h.nsenter(), "cat", "/proc/net/dev"], capture_output=True, text=True).stdout
+            f = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.strip().startswith("fab0:"))
+            out[h.name] = int(f[0]) + int(f[8])
+        return out

@@ -9,7 +9,6 @@ The tests check that the bytes went over fab0.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import BIN, TINY, aitrain, base_env, ray_stop  # noqa: E402
+from raycluster import TINY, NetnsRay, aitrain, base_env  # noqa: E402
 
 import netns_rig  # noqa: E402
 
@@ -27,61 +26,10 @@ WHY = netns_rig.available()
 if WHY:
     pytest.skip(f"network namespaces unavailable: {WHY}", allow_module_level=True)
 
-TEMP = Path("/tmp/aitr-ray")
-
-
-class NetnsRay:
-    def __init__(self) -> None:
-        self.rig = netns_rig.Rig(hosts_count=2, name="aitr", base=218, controller_ip=True)
-
-    @property
-    def head(self) -> netns_rig.RigHost:
-        return self.rig.hosts[0]
-
-    @property
-    def gcs(self) -> str:
-        return f"{self.head.mgmt_ip}:6379"
-
-    @property
-    def client(self) -> str:
-        return f"ray://{self.head.mgmt_ip}:10001"
-
-    def up(self) -> "NetnsRay":
-        ray_stop()
-        self.rig.up()
-        env = base_env()
-        if (Path.home() / ".ray" / "auth_token").exists() or env.get("RAY_AUTH_TOKEN"):
-            # The head turns token auth on when a token exists; `ray start --address` on a
-            # worker node only joins with RAY_AUTH_MODE=token set.
-            env.setdefault("RAY_AUTH_MODE", "token")
-        for i, h in enumerate(self.rig.hosts):
-            where = (["--head", "--port=6379", "--ray-client-server-port=10001", "--include-dashboard=false"]
-                     if i == 0 else [f"--address={self.gcs}"])
-            r = subprocess.run([*h.nsenter(), str(BIN / "ray"), "start", *where, f"--node-ip-address={h.mgmt_ip}",
-                                f"--temp-dir={TEMP / h.name}", "--num-cpus=2", "--disable-usage-stats"],
-                               env=env, capture_output=True, text=True, timeout=180)
-            if r.returncode != 0:
-                raise RuntimeError(f"ray start on {h.name} failed: {r.stderr[-2000:]}")
-        return self
-
-    def down(self) -> None:
-        ray_stop()
-        self.rig.down()
-        shutil.rmtree(TEMP, ignore_errors=True)
-
-    def fabric_bytes(self) -> dict[str, int]:
-        """rx+tx bytes of fab0 in every namespace."""
-        out = {}
-        for h in self.rig.hosts:
-            text = subprocess.run([*h.nsenter(), "cat", "/proc/net/dev"], capture_output=True, text=True).stdout
-            f = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.strip().startswith("fab0:"))
-            out[h.name] = int(f[0]) + int(f[8])
-        return out
-
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = NetnsRay()
+    c = NetnsRay(hosts=2, name="aitr", base=218)
     try:
         c.up()
     except Exception as e:  # pragma: no cover - environment problems
@@ -95,6 +43,7 @@ def check_two_node_job(r: subprocess.CompletedProcess[str], cluster: NetnsRay, b
                        steps: int) -> None:
     assert r.returncode == 0, r.stderr + r.stdout
     assert f"[rank0 node0]:step {steps}/{steps}" in r.stdout
+    assert "aitrain: ray: smoke all_reduce ok on 2 node(s)" in r.stdout  # proven before the ranks started
     line = next(x for x in r.stdout.splitlines() if x.startswith("aitrain: ray: 2 rank(s) on 2 node(s)"))
     assert "10.218.1.11" in line and "10.218.1.12" in line  # one rank per Ray node
     run_dir = Path(next(x for x in r.stdout.splitlines() if "; run dir " in x).split("run dir ")[1].split(";")[0])
