@@ -660,6 +660,26 @@ def _plain_ifnames(value: str) -> list[str] | None:
 # --------------------------------------------------------------------------- entry point
 
 
+def tune_from_config(
+    cluster: Cluster | HostTopology | Iterable[HostTopology],
+    fabric: Any,
+    *,
+    nproc_per_node: int,
+    multi_host: bool | None,
+    dist_backend: str = "auto",
+    trace_dir: str | None = None,
+) -> dict[str, TunedEnv]:
+    """:func:`tune` as a launch does it: options, NCCL version, ``fabric.env`` (user-set) and
+    profile from a ``FabricConfig`` (or None), the launching shell's env as user-set too."""
+    import os
+
+    options = TuneOptions.from_config(fabric, nproc_per_node=nproc_per_node, multi_host=multi_host,
+                                      dist_backend=dist_backend, trace_dir=trace_dir)
+    return tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
+                user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=options,
+                profile=getattr(fabric, "profile", "auto"))
+
+
 def tune(
     cluster: Cluster | HostTopology | Iterable[HostTopology],
     *,

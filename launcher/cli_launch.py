@@ -273,20 +273,16 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
 
 def _tune_local(job: JobConfig, spec: Any, host: Any) -> None:
     """This host's NCCL/Gloo/OMP env for the ranks, each value with its reason; user-set wins."""
-    import os
-
     from aitrain.fabric import probe
-    from aitrain.fabric.tune import TuneOptions, tune
+    from aitrain.fabric.tune import tune_from_config
 
     from aitrain.launcher.tracking import record_phase
 
     t0 = time.perf_counter()
     if host is None:
         host = probe()
-    opts = TuneOptions.from_config(job.fabric, nproc_per_node=job.nproc_per_node, multi_host=False,
-                                   dist_backend=job.dist_backend, trace_dir=str(spec.run_dir))
-    tuned = next(iter(tune(host, nccl_version=job.fabric.nccl_version, user_env=dict(job.fabric.env),
-                           shell_env=os.environ, options=opts, profile=job.fabric.profile).values()))
+    tuned = next(iter(tune_from_config(host, job.fabric, nproc_per_node=job.nproc_per_node, multi_host=False,
+                                       dist_backend=job.dist_backend, trace_dir=str(spec.run_dir)).values()))
     spec.topology = host.to_dict()
     record_phase(spec.run_dir, "tune", time.perf_counter() - t0)
     for key, value in tuned.env.items():

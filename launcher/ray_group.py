@@ -22,7 +22,6 @@ new group; the built-in job resumes from its latest checkpoint (``resume=auto``)
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -299,15 +298,11 @@ class RankGroup:
                      " fabric.on_error=warn lets the job start anyway")
 
     def _tune(self, cluster: Any, fabric: Any, *, multi_host: bool, nproc: int) -> dict[str, Any]:
-        from aitrain.fabric.tune import TuneOptions, tune
+        from aitrain.fabric.tune import tune_from_config
 
-        cfg = self.spec.config
-        opts = TuneOptions.from_config(fabric, nproc_per_node=nproc, multi_host=multi_host,
-                                       dist_backend=getattr(cfg, "dist_backend", "auto"),
-                                       trace_dir=str(self.spec.run_dir))
-        return tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
-                    user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
-                    profile=getattr(fabric, "profile", "auto"))
+        return tune_from_config(cluster, fabric, nproc_per_node=nproc, multi_host=multi_host,
+                                dist_backend=getattr(self.spec.config, "dist_backend", "auto"),
+                                trace_dir=str(self.spec.run_dir))
 
     # -- 3b. the smoke all_reduce ------------------------------------------------------------
 

@@ -634,14 +634,11 @@ class NodeTuning:
 def tune_nodes(cluster: Any, nodes: Sequence[str], cfg: Any, nproc_per_node: int, trace_dir: str | None = None
                ) -> NodeTuning:
     """Tuned env per node; the rendezvous is node 0's address on its tuned interface."""
-    from aitrain.fabric.tune import TuneOptions, tune
+    from aitrain.fabric.tune import tune_from_config
 
     fabric = cfg.fabric if cfg is not None else None
-    opts = TuneOptions.from_config(fabric, nproc_per_node=nproc_per_node, multi_host=len(nodes) > 1,
-                                   dist_backend=getattr(cfg, "dist_backend", "auto"), trace_dir=trace_dir)
-    tuned = tune(cluster, nccl_version=getattr(fabric, "nccl_version", None),
-                 user_env=dict(getattr(fabric, "env", {}) or {}), shell_env=os.environ, options=opts,
-                 profile=getattr(fabric, "profile", "auto"))
+    tuned = tune_from_config(cluster, fabric, nproc_per_node=nproc_per_node, multi_host=len(nodes) > 1,
+                             dist_backend=getattr(cfg, "dist_backend", "auto"), trace_dir=trace_dir)
     if not tuned[nodes[0]].address:
         raise BackendError(f"no usable interface with an address on {nodes[0]} for the rendezvous",
                            "check `aitrain fabric probe` on that node, or set fabric.interface=<name>")

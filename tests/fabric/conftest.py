@@ -26,13 +26,7 @@ def shared() -> Path:
 @pytest.fixture(scope="session")
 def hosts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Good hosts: dgx01, dgx02 (8 GPUs, 8 x NDR IB), roce01, roce02 (RoCE v2), cpu01."""
-    out = tmp_path_factory.mktemp("hosts")
-    hostbuilder.write_host(hostbuilder.dgx_h100("dgx01", 1), out / "dgx01")
-    hostbuilder.write_host(hostbuilder.dgx_h100("dgx02", 2), out / "dgx02")
-    hostbuilder.write_host(hostbuilder.roce_host("roce01", 1), out / "roce01")
-    hostbuilder.write_host(hostbuilder.roce_host("roce02", 2), out / "roce02")
-    hostbuilder.write_host(hostbuilder.cpu_host("cpu01", 1), out / "cpu01")
-    return out
+    return hostbuilder.write_good_hosts(tmp_path_factory.mktemp("hosts"))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ray")
 
 from aitrain.errors import FabricError  # noqa: E402
-from aitrain.launcher.ray_group import NodesExcluded, RankGroup, RaySmokeRunner  # noqa: E402
+from aitrain.launcher.ray_group import NodesExcluded, RankGroup  # noqa: E402
 from aitrain.launcher.ray_worker import RankActor  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)

@@ -20,13 +20,7 @@ from rig_helpers import RIG_BASE, RIG_NAME, make_fast_dns_fail  # noqa: E402
 
 @pytest.fixture(scope="session")
 def trees(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tune-hosts")
-    hostbuilder.write_host(hostbuilder.dgx_h100("dgx01", 1), out / "dgx01")
-    hostbuilder.write_host(hostbuilder.dgx_h100("dgx02", 2), out / "dgx02")
-    hostbuilder.write_host(hostbuilder.roce_host("roce01", 1), out / "roce01")
-    hostbuilder.write_host(hostbuilder.roce_host("roce02", 2), out / "roce02")
-    hostbuilder.write_host(hostbuilder.cpu_host("cpu01", 1), out / "cpu01")
-    return out
+    return hostbuilder.write_good_hosts(tmp_path_factory.mktemp("tune-hosts"))
 
 
 @pytest.fixture(scope="session")
