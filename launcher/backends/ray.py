@@ -125,8 +125,20 @@ def ensure_token_auth(environ: dict[str, str] | None = None) -> str | None:
     return where
 
 
+SERVER_SIDE_INIT_FAILURE = "Initialization failure from server"
+
+
 def connection_error(address: RayAddress, e: BaseException) -> BackendError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if SERVER_SIDE_INIT_FAILURE in str(e):
+        # The Ray client server on the head sends its traceback: its last line is the reason.
+        reason = [x.strip() for x in str(e).splitlines() if x.strip()][-1]
+        return BackendError(
+            f"cannot connect to {address}: the Ray client server on the head could not start this "
+            f"client's session: {reason}",
+            "see ray_client_server*.err under the head's Ray logs (session_latest/logs); on a busy head "
+            "the per-client server may need longer than 30 s to start: start the head with "
+            "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S=120 in its environment")
     auth = "auth" in str(e).lower() or "token" in str(e).lower() or "connection timeout" in str(e).lower()
     mode = os.environ.get("RAY_AUTH_MODE", "unset")
     hint = (f"{AUTH_HINT} (RAY_AUTH_MODE is {mode}; token found: {find_token() or 'none'})" if auth or mode != "token"
@@ -501,10 +513,20 @@ class RayBackend:
         else:
             kwargs["address"] = addr.value if addr.kind != "local" else None
         _quiet_ray_logs()
-        try:
-            ray.init(**kwargs)
-        except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, TimeoutError
-            raise connection_error(addr, e) from e
+        for attempt in (1, 2):
+            try:
+                ray.init(**kwargs)
+                break
+            except Exception as e:  # ConnectionError, RuntimeError, AuthenticationError, TimeoutError
+                if attempt == 1 and addr.kind == "client" and SERVER_SIDE_INIT_FAILURE in str(e):
+                    # The head's client server failed to start our session (slow on a busy head):
+                    # a new session usually starts fine.
+                    print(f"aitrain: ray: {connection_error(addr, e).message.split(': ', 1)[1]}; trying once more",
+                          flush=True)
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
+                    continue
+                raise connection_error(addr, e) from e
         try:
             yield ray
         finally:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -23,6 +23,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global_batch_size=8",
         "train.log_every=1"]
+
+
+# The head's Ray client server gives a new client's session 30 s to start by default; on this
+# 2-core machine, busy with the previous test's Ray workers, that is sometimes too little.
+SLOW_HEAD_ENV = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
 
 
 def free_port() -> int:
@@ -95,7 +100,8 @@ class LocalHead:
                             f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                             f"--ray-client-server-port={self.client_port}", f"--num-cpus={self.num_cpus}",
                             f"--resources={json.dumps({'accel': 4})}", "--disable-usage-stats"],
-                           env=dict(self.env(), RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=180)
+                           env=dict(self.env(), RAY_AUTH_MODE="token", **SLOW_HEAD_ENV), capture_output=True,
+                           text=True, timeout=180)
         if r.returncode != 0:
             raise RuntimeError(f"ray start --head failed: {r.stderr[-2000:]}")
         wait_jobs_api(self.jobs, self.env())
@@ -195,7 +201,7 @@ class NetnsRay:
     def up(self) -> "NetnsRay":
         ray_stop()
         self.rig.up()
-        env = base_env()
+        env = dict(base_env(), **SLOW_HEAD_ENV)
         for i, h in enumerate(self.rig.hosts):
             if (Path.home() / ".ray" / "auth_token").exists() or env.get("RAY_AUTH_TOKEN"):
                 # The head turns token auth on when a token exists (it may have just made one);
@@ -223,3 +229,19 @@ class NetnsRay:
             f = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.strip().startswith("fab0:"))
             out[h.name] = int(f[0]) + int(f[8])
         return out
+
+
+def netns_ray_cluster(hosts: int, name: str, base: int) -> Iterator[NetnsRay]:
+    """A module fixture's body: the cluster up (or the module skipped, saying why), then down."""
+    import pytest
+
+    c = NetnsRay(hosts=hosts, name=name, base=base)
+    try:
+        c.up()
+    except Exception as e:  # pragma: no cover - environment problems
+        c.down()
+        pytest.skip(f"could not start Ray in network namespaces: {e}")
+    try:
+        yield c
+    finally:
+        c.down()

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import TINY, NetnsRay, aitrain, base_env  # noqa: E402
+from raycluster import TINY, NetnsRay, aitrain, base_env, netns_ray_cluster  # noqa: E402
 
 import netns_rig  # noqa: E402
 
@@ -29,14 +29,7 @@ if WHY:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = NetnsRay(hosts=2, name="aitr", base=218)
-    try:
-        c.up()
-    except Exception as e:  # pragma: no cover - environment problems
-        c.down()
-        pytest.skip(f"could not start Ray in network namespaces: {e}")
-    yield c
-    c.down()
+    yield from netns_ray_cluster(hosts=2, name="aitr", base=218)
 
 
 def check_two_node_job(r: subprocess.CompletedProcess[str], cluster: NetnsRay, before: dict[str, int],

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import TINY, NetnsRay, aitrain, base_env  # noqa: E402
+from raycluster import TINY, NetnsRay, aitrain, base_env, netns_ray_cluster  # noqa: E402
 
 import netns_rig  # noqa: E402
 
@@ -31,16 +31,10 @@ SMOKE = ["fabric.smoke_timeout_s=10", "backend.placement=strict_spread"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = NetnsRay(hosts=3, name="aitq", base=219)
-    try:
-        c.up()
-    except Exception as e:  # pragma: no cover - environment problems
-        c.down()
-        pytest.skip(f"could not start Ray in network namespaces: {e}")
-    # Unplug node 3's fabric cable: its fab0 stays up, nothing reaches it.
-    subprocess.run(["ip", "link", "set", "aitq3f", "nomaster"], check=True)
-    yield c
-    c.down()
+    for c in netns_ray_cluster(hosts=3, name="aitq", base=219):
+        # Unplug node 3's fabric cable: its fab0 stays up, nothing reaches it.
+        subprocess.run(["ip", "link", "set", "aitq3f", "nomaster"], check=True)
+        yield c
 
 
 def run_dir_of(stdout: str) -> Path:

@@ -78,6 +78,44 @@ def test_connection_errors_explain_token_auth(monkeypatch: pytest.MonkeyPatch) -
     assert "ray://h:10001" in text and "RAY_AUTH_MODE" in text and "auth_token" in text
 
 
+SERVER_TRACEBACK = ("Initialization failure from server:\nTraceback (most recent call last):\n"
+                    "  File \"proxier.py\", line 777, in Datapath\n"
+                    "RuntimeError: Proxy failed to Connect to backend! Check `ray_client_server.err`\n")
+
+
+def test_a_server_side_client_failure_names_its_reason_and_is_tried_once_more(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    err = connection_error(parse_address("ray://h:10001", {}), ConnectionAbortedError(SERVER_TRACEBACK))
+    assert "Proxy failed to Connect to backend" in err.message and "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S" in err.hint
+
+    class FlakyRay:
+        calls = 0
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **kw: object) -> None:
+            FlakyRay.calls += 1
+            if FlakyRay.calls == 1:
+                raise ConnectionAbortedError(SERVER_TRACEBACK)
+
+        def shutdown(self) -> None:
+            pass
+
+    backend = RayBackend(ray_module=FlakyRay(), address="ray://h:10001")
+    with backend.connect(None) as ray:  # type: ignore[arg-type]
+        assert isinstance(ray, FlakyRay)
+    assert FlakyRay.calls == 2 and "trying once more" in capsys.readouterr().out
+
+    class BrokenRay(FlakyRay):
+        def init(self, **kw: object) -> None:
+            raise ConnectionAbortedError(SERVER_TRACEBACK)
+
+    with pytest.raises(BackendError, match="Proxy failed"):
+        with RayBackend(ray_module=BrokenRay(), address="ray://h:10001").connect(None):  # type: ignore[arg-type]
+            pass
+
+
 def test_handles() -> None:
     assert parse_handle("ray://127.0.0.1:8265/raysubmit_aB1") == ("127.0.0.1:8265", "raysubmit_aB1")
     assert parse_handle("raysubmit_x", {"RAY_API_SERVER_ADDRESS": "http://h:9000"}) == ("h:9000", "raysubmit_x")
