@@ -60,6 +60,50 @@ def default_tracking_uri(run_root: Path) -> str:
     return f"sqlite:///{run_root.resolve() / 'mlflow.db'}"
 
 
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a ``sqlite:///`` store that does not exist yet whole, or not at all.
+
+    MLflow creates the schema on first use with a dozen migrations; a launcher killed in the
+    middle would leave a half-migrated file that every later run refuses ("out-of-date
+    database schema"). So the store is built under a temporary name and hard-linked into
+    place (a link never replaces a store another launch made meanwhile)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    for stale in path.parent.glob(f".{path.name}.*.creating"):  # left by a launcher that was killed
+        pid = stale.name[len(path.name) + 2:-len(".creating")]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        _dispose_engines(f"sqlite:///{tmp}")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another launch made it first: use theirs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _dispose_engines(uri: str) -> None:
+    """Drop MLflow's cached engine of a store (best effort: MLflow internals)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+        if engine is not None:
+            engine.dispose()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def resolve_tracking_uri(uri: str | None, run_root: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_root)
 
@@ -310,6 +354,7 @@ class Tracker:
 
             for name in ("alembic", "mlflow", "urllib3"):  # after the import: mlflow sets its own level
                 logging.getLogger(name).setLevel(logging.ERROR)
+            ensure_sqlite_store(self.uri)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 

@@ -212,3 +212,32 @@ def test_a_requeued_attempt_in_the_same_run_dir_gets_only_its_own_lines(tmp_path
 
     history = MlflowClient(tracking_uri=uri).get_metric_history(second.run_id, f"system/{HOST}/cpu_util_pct")
     assert [m.value for m in history] == [99.0]
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A launcher killed while MLflow builds a new store must not leave a half-migrated file
+    that every later run refuses: the store is built aside and linked into place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from aitrain.launcher.tracking import ensure_sqlite_store
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    code = f"from aitrain.launcher.tracking import ensure_sqlite_store; ensure_sqlite_store({uri!r})"
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    time.sleep(1.5)  # importing MLflow and (often) in the middle of the migrations
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if db.exists():  # it got there first: then it is complete
+        assert [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
+    ensure_sqlite_store(uri)
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
+    before = db.stat().st_ino
+    ensure_sqlite_store(uri)  # an existing store is never replaced
+    assert db.stat().st_ino == before
+    assert os.listdir(db.parent) == ["mlflow.db"]  # the killed launcher's leftovers are gone too
