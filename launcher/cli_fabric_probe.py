@@ -23,6 +23,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
     add_output_arguments(parser)
     parser.add_argument("--cache", action="store_true",
                         help="reuse a cached probe of this host while its fingerprint is unchanged")
+    parser.add_argument("--host-check", action="store_true",
+                        help="with --json: add this host's `aitrain host check` findings to its entry "
+                             "(host_findings); multi-node launches probe every node this way")
     return parser
 
 
@@ -45,7 +48,17 @@ def run(args: argparse.Namespace) -> int:
         e.exit_code = 2
         raise
     if args.json:
-        write_stdout(json.dumps({"hosts": [_host_json(h) for h in hosts]}, indent=2) + "\n")
+        docs = [_host_json(h) for h in hosts]
+        if args.host_check:
+            from aitrain.fabric.host import HostPaths, check_host
+
+            if len(docs) != 1 or getattr(args, "sysfs_root", None) or getattr(args, "from_json", None):
+                err = AitrainError("--host-check checks the live host only",
+                                   "run it on the host itself, without --sysfs-root/--from-json")
+                err.exit_code = 2
+                raise err
+            docs[0]["host_findings"] = [f.to_dict() for f in check_host(HostPaths(), host=hosts[0].hostname)]
+        write_stdout(json.dumps({"hosts": docs}, indent=2) + "\n")
         return 0
     style = Style(use_color(sys.stdout, args.color))
     write_stdout("\n\n".join(render_topology(h, style) for h in hosts) + "\n")

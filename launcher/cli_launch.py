@@ -236,12 +236,12 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
 
     Errors stop the launch unless fabric.on_error=warn; the rest is summarised in one line.
     """
-    from aitrain.errors import FabricError
-    from aitrain.fabric.cache import FabricCache, summarize_errors
+    from aitrain.fabric.cache import FabricCache
     from aitrain.fabric.checks import CheckOptions
-    from aitrain.fabric.findings import Severity, sort_findings
+    from aitrain.fabric.findings import sort_findings
     from aitrain.fabric.host import HostPaths, check_host
     from aitrain.fabric.topology import Cluster
+    from aitrain.launcher.fabric_nodes import gate_host_findings
     from aitrain.launcher.tracking import record_phase
 
     if job.fabric.on_error not in ("fail", "warn"):
@@ -259,15 +259,7 @@ def _preflight_local(job: JobConfig, run_dir: Path) -> tuple[list[Any], Any]:
     record_phase(run_dir, "check", time.perf_counter() - t1)
     (run_dir / "preflight.json").write_text(json.dumps(
         {"hosts": [host.to_dict()], "findings": [f.to_dict() for f in findings]}, indent=1))
-    errors = [f for f in findings if f.severity is Severity.ERROR]
-    warnings = [f for f in findings if f.severity is Severity.WARNING]
-    if errors and job.fabric.on_error != "warn":
-        raise FabricError(summarize_errors(errors, 1),
-                          "fix them (each has its own hint), or launch anyway with fabric.on_error=warn")
-    if errors or warnings:
-        print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) on this host "
-              f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
-              "aitrain host check", flush=True)
+    gate_host_findings(findings, job.fabric.on_error, "on this host")
     return findings, host
 
 

@@ -474,3 +474,32 @@ def smoke_gate(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeou
     """The pre-launch smoke test for a multi-node job: smoke, bisect on failure, decide."""
     report = smoke_test(nodes, run_dir, timeout=timeout, nproc_per_node=nproc_per_node)
     return decide_after_smoke(nodes, report, exclude_bad_nodes=exclude_bad_nodes, min_nodes=min_nodes)
+
+
+# --------------------------------------------------------------------------- host checks of a job's nodes
+
+
+def host_findings(docs: dict[str, dict]) -> list:
+    """The ``host_findings`` of each node's probe (``aitrain fabric probe --json --host-check``),
+    each named after its node (hostnames may all be the same)."""
+    from aitrain.fabric.findings import Finding
+
+    return [Finding.from_dict({**d, "host": node}) for node, doc in docs.items()
+            for d in doc.get("host_findings") or []]
+
+
+def gate_host_findings(findings: list, on_error: str, where: str) -> None:
+    """Stop the launch on host-check errors unless ``fabric.on_error=warn``; otherwise one line
+    saying what was found (``where``: "on this host", "on 3 node(s)")."""
+    from aitrain.fabric.cache import summarize_errors
+    from aitrain.fabric.findings import Severity
+
+    errors = [f for f in findings if f.severity is Severity.ERROR]
+    warnings = [f for f in findings if f.severity is Severity.WARNING]
+    if errors and on_error != "warn":
+        raise FabricError(summarize_errors(errors, len({f.host for f in errors})),
+                          "fix them (each has its own hint), or launch anyway with fabric.on_error=warn")
+    if errors or warnings:
+        print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) {where} "
+              f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
+              "aitrain host check", flush=True)

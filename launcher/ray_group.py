@@ -251,6 +251,9 @@ class RankGroup:
         except self.ray.exceptions.RayError as e:
             raise BackendError(f"the fabric probe failed on a Ray node: {_first_line(e)}",
                                "run `aitrain fabric probe` on that node to see why") from e
+        from aitrain.launcher.fabric_nodes import host_findings
+
+        host_checks = host_findings({name: doc for (name, _), doc in zip(phys, docs)})
         hosts = []
         for (name, _), doc in zip(phys, docs):
             h = HostTopology.from_dict(doc)
@@ -260,7 +263,7 @@ class RankGroup:
         self._write_json("probe.json", {"hosts": [h.to_dict() for h in hosts]})
         t1 = time.perf_counter()
         if fabric is None or fabric.check:
-            self._check(cluster, fabric)
+            self._check(cluster, fabric, host_checks)
         t2 = time.perf_counter()
         ranks_per_host = max(len(r) for _, r in phys) * self.spec.nproc_per_node
         tuned = self._tune(cluster, fabric, multi_host=len(phys) > 1, nproc=ranks_per_host)
@@ -283,19 +286,18 @@ class RankGroup:
                 for k, why in tuned[name].reasons.items():
                     self.spec.env_reasons.setdefault(k, f"{name}: {why}")
 
-    def _check(self, cluster: Any, fabric: Any) -> None:
+    def _check(self, cluster: Any, fabric: Any, host_checks: list[Any] | None = None) -> None:
+        """Fabric and host checks across the Ray nodes; errors stop the job unless fabric.on_error=warn."""
         from aitrain.fabric.cache import preflight
-        from aitrain.fabric.findings import Severity
+        from aitrain.launcher.fabric_nodes import gate_host_findings
 
         on_error = getattr(fabric, "on_error", "fail") if fabric is not None else "fail"
         result = preflight(cluster.hosts, on_error=on_error,
                            expected_rate_gbps=getattr(fabric, "expected_rate_gbps", None), use_cache=False)
+        findings = list(result.findings) + list(host_checks or [])
         self._write_json("preflight.json", {"hosts": [h.to_dict() for h in cluster.hosts],
-                                            "findings": [f.to_dict() for f in result.findings]})
-        errors = [f for f in result.findings if f.severity is Severity.ERROR]
-        if errors:
-            self.say(f"aitrain: fabric check: {len(errors)} error(s) ({', '.join(sorted({f.id for f in errors}))});"
-                     " fabric.on_error=warn lets the job start anyway")
+                                            "findings": [f.to_dict() for f in findings]})
+        gate_host_findings(findings, on_error, f"on {len(cluster.hosts)} Ray node(s)")
 
     def _tune(self, cluster: Any, fabric: Any, *, multi_host: bool, nproc: int) -> dict[str, Any]:
         from aitrain.fabric.tune import tune_from_config

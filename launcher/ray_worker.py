@@ -100,10 +100,17 @@ class RankActor:
                 "actor_id": ctx.get_actor_id(), "python": sys.executable, "cwd": os.getcwd()}
 
     def probe(self, name: str) -> dict[str, Any]:
-        """This node's fabric (``aitrain fabric probe``), the host named ``name``."""
+        """This node's fabric (``aitrain fabric probe``), the host named ``name``, with its
+        ``aitrain host check`` findings (``host_findings``)."""
         from aitrain.fabric import probe
+        from aitrain.fabric.host import HostPaths, check_host
 
-        return probe(hostname=name).to_dict()
+        doc = probe(hostname=name).to_dict()
+        try:
+            doc["host_findings"] = [f.to_dict() for f in check_host(HostPaths(), host=name)]
+        except Exception:  # noqa: BLE001 - the host check is advice; the probe is what the job needs
+            doc["host_findings"] = []
+        return doc
 
     def free_port(self, address: str) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -37,6 +37,7 @@ from aitrain import __version__
 from aitrain.errors import BackendError, ConfigError, JobFailedError
 from aitrain.launcher.agent import AgentRequest, AgentResult
 from aitrain.launcher.environment import SlurmEnvironment, detect
+from aitrain.launcher.fabric_nodes import gate_host_findings, host_findings
 from aitrain.launcher.job import JobSpec
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -459,9 +460,10 @@ class SlurmBackend:
         cfg = spec.config
         self._record_queue_wait(slurm, spec.run_dir)
         t0 = time.perf_counter()
-        cluster = cluster_of(self.probe_nodes(spec, slurm), slurm.nodes)
+        docs = self.probe_nodes(spec, slurm)
+        cluster = cluster_of(docs, slurm.nodes)
         t1 = time.perf_counter()
-        self._check(cluster, cfg, spec.run_dir)
+        self._check(cluster, cfg, spec.run_dir, host_findings(docs))
         t2 = time.perf_counter()
         tuning = tune_nodes(cluster, slurm.nodes, cfg, spec.nproc_per_node, trace_dir=str(spec.run_dir))
         for name, seconds in (("probe", t1 - t0), ("check", t2 - t1), ("tune", time.perf_counter() - t2)):
@@ -502,8 +504,8 @@ class SlurmBackend:
         return 0
 
     @staticmethod
-    def _check(cluster: Any, cfg: Any, run_dir: Path) -> None:
-        """Fabric check across every node; errors stop the job unless fabric.on_error=warn."""
+    def _check(cluster: Any, cfg: Any, run_dir: Path, host_checks: list[Any] | None = None) -> None:
+        """Fabric and host checks across every node; errors stop the job unless fabric.on_error=warn."""
         from aitrain.fabric.cache import preflight
 
         fabric = getattr(cfg, "fabric", None)
@@ -512,9 +514,11 @@ class SlurmBackend:
         on_error = fabric.on_error if fabric is not None else "fail"
         result = preflight(cluster.hosts, on_error=on_error,
                            expected_rate_gbps=getattr(fabric, "expected_rate_gbps", None), use_cache=False)
+        findings = list(result.findings) + list(host_checks or [])
         (run_dir / "preflight.json").write_text(json.dumps(
-            {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in result.findings]},
+            {"hosts": [h.to_dict() for h in cluster.hosts], "findings": [f.to_dict() for f in findings]},
             indent=1))
+        gate_host_findings(findings, on_error, f"on {len(cluster.hosts)} node(s)")
 
     def _smoke_gate(self, spec: JobSpec, slurm: SlurmEnvironment, tuning: NodeTuning) -> list[str]:
         """A short all_reduce over every node with its tuned env before the job; on failure
@@ -576,7 +580,7 @@ class SlurmBackend:
         # %n is the node's index in the step (0..N-1): unlike %N (the hostname) it is unique
         # even where every node has the same hostname.
         cmd = self._srun(slurm, [f"--output={out_dir}/%n.json", "--error=" + str(out_dir / "%n.err")]) + [
-            self.python, "-m", "aitrain.launcher.cli", "fabric", "probe", "--json", "--cache"]
+            self.python, "-m", "aitrain.launcher.cli", "fabric", "probe", "--json", "--cache", "--host-check"]
         r = subprocess.run(cmd, env=dict(self.environ), capture_output=True, text=True, timeout=300)
         hosts: dict[str, dict[str, Any]] = {}
         for i, node in enumerate(slurm.nodes):

@@ -47,6 +47,39 @@ def test_probe_json_of_this_host():
     assert host["rdma_devices"] == [] and host["nics"]
 
 
+def test_probe_host_check_adds_this_hosts_findings_and_refuses_captured_trees(hosts_dir):
+    out = aitrain("fabric", "probe", "--json", "--host-check")
+    assert out.returncode == 0, out.stderr
+    (host,) = json.loads(out.stdout)["hosts"]
+    # (a host tuned to every recommendation has no findings at all)
+    assert all(f["id"].startswith("host-") and f["host"] == host["hostname"] for f in host["host_findings"])
+    bad = aitrain("fabric", "probe", "--json", "--host-check", "--sysfs-root", str(hosts_dir / "roce01"))
+    assert bad.returncode == 2 and "live host only" in bad.stderr
+
+
+def test_host_findings_of_a_jobs_nodes_gate_the_launch(capsys):
+    import pytest
+
+    from aitrain.errors import FabricError
+    from aitrain.fabric.findings import Finding, Severity
+    from aitrain.launcher.fabric_nodes import gate_host_findings, host_findings
+
+    def doc(sev: Severity) -> dict:
+        return {"hostname": "localhost", "host_findings": [
+            Finding("host-memlock-low", sev, "localhost", "memlock", "64 KiB", "ulimit -l unlimited").to_dict()]}
+
+    found = host_findings({"node1": doc(Severity.WARNING), "node2": {"hostname": "localhost"}})
+    assert [(f.host, f.id) for f in found] == [("node1", "host-memlock-low")]  # named after the node
+    gate_host_findings(found, "fail", "on 2 node(s)")
+    assert "0 error(s), 1 warning(s) on 2 node(s) (host-memlock-low)" in capsys.readouterr().out
+    errors = host_findings({"node2": doc(Severity.ERROR)})
+    with pytest.raises(FabricError) as e:
+        gate_host_findings(errors, "fail", "on 2 node(s)")
+    assert "node2 memlock" in str(e.value) and "fabric.on_error=warn" in e.value.hint
+    gate_host_findings(errors, "warn", "on 2 node(s)")  # reported, not fatal
+    assert "1 error(s)" in capsys.readouterr().out
+
+
 def test_probe_table(hosts_dir):
     out = aitrain("fabric", "probe", "--sysfs-root", str(hosts_dir / "dgx01"))
     assert out.returncode == 0, out.stderr

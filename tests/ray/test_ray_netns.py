@@ -47,6 +47,8 @@ def check_two_node_job(r: subprocess.CompletedProcess[str], cluster: NetnsRay, b
     moved = {k: v - before[k] for k, v in cluster.fabric_bytes().items()}
     assert all(v > 200_000 for v in moved.values()), moved  # the gradients went over fab0
     assert (run_dir / "logs" / "node1" / "rank1.log").exists()
+    preflight = json.loads((run_dir / "preflight.json").read_text())  # host checks of every Ray node
+    assert {f["host"] for f in preflight["findings"] if f["id"].startswith("host-")} == {"node0", "node1"}
 
 
 def test_two_node_ddp_driven_from_the_head_node(cluster: NetnsRay, tmp_path: Path) -> None:

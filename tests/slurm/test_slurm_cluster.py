@@ -118,6 +118,9 @@ def test_two_node_job_from_a_login_node(strategy: str, tmp_path: Path, env: dict
     agents = json.loads((Path(st["run_dir"]) / "agents.json").read_text())
     assert agents[0]["master_addr"].startswith("10.217.")
     assert {a["env"]["GLOO_SOCKET_IFNAME"].lstrip("=") for a in agents} == {"fab0"}
+    # The host checks ran on every node, not only on the one running the batch script.
+    preflight = json.loads((Path(st["run_dir"]) / "preflight.json").read_text())
+    assert {f["host"] for f in preflight["findings"] if f["id"].startswith("host-")} == {"node1", "node2"}
 
 
 def test_wrapper_script_with_sbatch(tmp_path: Path, env: dict[str, str]) -> None:
