@@ -392,6 +392,11 @@ class SlurmBackend:
         return ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
                 "--job-name=aitrain-agents", *self.opts.srun_args, *extra]
 
+    def _agents_srun(self, spec: JobSpec, slurm: SlurmEnvironment, extra: Sequence[str] = ()) -> list[str]:
+        """The step that starts one node agent per node (reading their requests from agents.json)."""
+        return self._srun(slurm, extra) + [self.python, "-m", "aitrain.launcher.agent", "--slurm",
+                                           str(spec.run_dir / "agents.json")]
+
     def _allocation_request(self, spec: JobSpec) -> AllocationRequest:
         slurm = SlurmEnvironment.from_env(self.environ)
         if slurm.in_step:
@@ -408,9 +413,7 @@ class SlurmBackend:
                                                       "before the time limit: checkpoint, stop, requeue")
         spec.tags.update({"slurm.job_id": slurm.job_id, "slurm.restart_count": str(slurm.restart_count),
                           "slurm.cluster": slurm.cluster, "nodes": ",".join(slurm.nodes)})
-        srun = self._srun(slurm) + [self.python, "-m", "aitrain.launcher.agent", "--slurm",
-                                    str(spec.run_dir / "agents.json")]
-        req = AllocationRequest(spec, slurm, srun)
+        req = AllocationRequest(spec, slurm, self._agents_srun(spec, slurm))
         # The fabric is probed per node in `run`; the dry run shows the plan without touching nodes.
         req.agents = self._agent_requests(spec, slurm, rendezvous="<node-0 address on the tuned interface>",
                                           port=0, node_env={})
@@ -475,7 +478,7 @@ class SlurmBackend:
         if nodes != list(slurm.nodes):  # bad nodes were left out (fabric.exclude_bad_nodes=true)
             slurm = replace(slurm, nodes=tuple(nodes))
             spec.nnodes = len(nodes)
-            req.srun = self._srun(slurm, [f"--nodelist={','.join(nodes)}"]) + req.srun[len(self._srun(req.slurm)):]
+            req.srun = self._agents_srun(spec, slurm, [f"--nodelist={','.join(nodes)}"])
         port = _free_port(rendezvous)
         agents = self._agent_requests(spec, slurm, rendezvous=rendezvous, port=port, node_env=node_env)
         agents_file = spec.run_dir / "agents.json"
