@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -176,6 +177,10 @@ def main() -> int:
                       target_raw_met=bool(of_raw and of_raw >= 0.5))
     finally:
         rig.down()
+    if report.get("naive_error") or report.get("tuned_error"):
+        report["rank_logs"] = str(work)  # kept: they say why a run failed
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
     if args.json:
         print(json.dumps(report, indent=2))
@@ -206,6 +211,8 @@ def main() -> int:
           f"{'met' if report['target_raw_met'] else 'NOT met'})" if raw else "tuned / raw TCP: n/a")
     if bidir:
         print(f"tuned / raw TCP (both directions)  : {bidir:.0%}")
+    if report.get("rank_logs"):
+        print(f"rank logs of the failed runs: {report['rank_logs']}")
     return 0
 
 

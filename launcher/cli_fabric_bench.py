@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -124,12 +125,15 @@ def _run(args: argparse.Namespace) -> int:
         raise FabricError(f"the benchmark failed: {result_run.failure()}",
                           f"rank logs are under {run_dir}; `aitrain fabric tune` shows the env the ranks got")
     result = BenchResult.from_dict(json.loads(out.read_text()))
+    keep = bool(args.run_dir) or not result.correct  # the rank logs explain a wrong result
+    if not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
     if args.plot:
         plot_busbw([result], args.plot)
     if args.json:
         doc = result.to_dict()
         doc["tuned"] = {h: t.to_dict() for h, t in tuned.items()}
-        doc["run_dir"] = str(run_dir)
+        doc["run_dir"] = str(run_dir) if keep else None
         write_stdout(json.dumps(doc, indent=2) + "\n")
     else:
         text = render_table(result)

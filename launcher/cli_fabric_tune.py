@@ -211,5 +211,10 @@ def _search(args: argparse.Namespace, hosts: list[Any], nodes: list[Any] | None,
                       measurements=[{"setting": t.setting, "busbw_gbps": t.busbw_gbps, "error": t.error}
                                     for t in result.trials])
     path = store.save(profile)
+    keep = any(t.error for t in result.trials)  # the rank logs of the failed trials
+    if not keep:
+        import shutil
+
+        shutil.rmtree(base_dir, ignore_errors=True)
     return {"size": args.search_size, "fingerprint": fingerprint, "path": str(path), "summary": summary,
-            "trials": profile.measurements, "run_dir": str(base_dir)}
+            "trials": profile.measurements, "run_dir": str(base_dir) if keep else None}

@@ -130,6 +130,21 @@ class _Source:
     buf: bytes = b""
 
 
+PIPE_DIR_PREFIX = "aitrain-ranks-"
+
+
+def _sweep_stale_pipe_dirs() -> None:
+    """Remove the FIFO dirs of agents that were killed (SIGKILL leaves no chance to clean up):
+    ``aitrain-ranks-<pid>-*`` of this user whose pid is gone."""
+    for d in Path(tempfile.gettempdir()).glob(f"{PIPE_DIR_PREFIX}*-*"):
+        pid = d.name[len(PIPE_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists() and d.stat().st_uid == os.getuid():
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
 class RankStreams:
     """Reads every rank's pipes in one thread; writes rank files and the console."""
 
@@ -161,7 +176,8 @@ class RankStreams:
         paths = []
         with self._lock:
             if self.pipe_dir is None:
-                self.pipe_dir = Path(tempfile.mkdtemp(prefix="aitrain-ranks-"))
+                _sweep_stale_pipe_dirs()
+                self.pipe_dir = Path(tempfile.mkdtemp(prefix=f"{PIPE_DIR_PREFIX}{os.getpid()}-"))
             f = self._files.get(rank)
             if f is None:
                 f = self._files[rank] = open(self.rank_log(rank), "ab")

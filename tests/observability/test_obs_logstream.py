@@ -104,3 +104,24 @@ def test_an_agent_stopped_before_spawning_ranks_leaves_no_pipe_dir(tmp_path: Pat
     streams = RankStreams(tmp_path / "logs", Console(out, out))
     streams.stop()
     assert streams.pipe_dir is None
+
+
+def test_fifo_dirs_of_killed_agents_are_swept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f"aitrain-ranks-{dead}-abc"
+    stale.mkdir()
+    os.mkfifo(stale / "a0-rank0.out")
+    alive = tmp_path / f"aitrain-ranks-{os.getpid()}-def"  # another agent of this process: still running
+    alive.mkdir()
+    streams = RankStreams(tmp_path / "logs", Console(io.StringIO(), io.StringIO()))
+    streams.open_rank(0)
+    assert streams.pipe_dir is not None and streams.pipe_dir.parent == tmp_path
+    assert not stale.exists() and alive.exists()
+    streams.stop()
+    assert not streams.pipe_dir.exists()

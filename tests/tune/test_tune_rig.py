@@ -126,6 +126,7 @@ def test_cli_bench_over_the_rig(rig, tmp_path):
     assert {r["collective"] for r in doc["rows"]} == {"all_reduce", "sendrecv"}
     assert all(r["correct"] and r["busbw_gbps"] > 0 for r in doc["rows"])
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["run_dir"] is None  # no --run-dir and all correct: nothing left in /tmp
 
 
 def test_cli_search_stores_a_profile_that_tune_then_uses(rig, tmp_path):
