@@ -53,7 +53,8 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> ar
                         help="extra env for every rank (wins over tuning)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a PNG of busbw vs size")
-    parser.add_argument("--run-dir", metavar="DIR", help="where rank logs go, kept (default: a temp dir, removed unless a result is wrong)")
+    parser.add_argument("--run-dir", metavar="DIR",
+                        help="where rank logs go, kept (default: a temp dir, removed unless a result is wrong)")
     return parser
 
 
