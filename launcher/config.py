@@ -286,6 +286,17 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+def backend_options(schema: Any, options: dict[str, Any], what: str) -> Any:
+    """A backend's config from keyword options (``SlurmBackend(partition=...)``): unknown
+    options fail, naming the valid ones."""
+    valid = {f for f in schema.__dataclass_fields__ if f != "name"}
+    unknown = set(options) - valid
+    if unknown:
+        raise ConfigError(f"unknown {what} backend options: {', '.join(sorted(unknown))}",
+                          f"valid: {', '.join(sorted(valid))}")
+    return schema(**options)
+
+
 def check_key(key: str, backend: str = "local") -> None:
     """Raise ConfigError if `key` (dotted) is not in the schema; name the valid keys."""
     if key.startswith("hydra.") or key == "hydra":

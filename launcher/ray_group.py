@@ -405,9 +405,7 @@ class RankGroup:
         console = RankConsole({s.rank: s.node for s in self.slots},
                               ranks=parse_ranks(getattr(log, "ranks", "all")),
                               dedup=bool(getattr(log, "dedup", True)))
-        cursors = [0] * len(self.actors)
         pending = {a.poll.remote(0, 0.5): i for i, a in enumerate(self.actors)}
-        done: dict[int, int] = {}
         failures: list[Failure] = []
         try:
             while pending and not failures:
@@ -415,26 +413,11 @@ class RankGroup:
                 console.tick()
                 for ref in ready:
                     i = pending.pop(ref)
-                    s = self.slots[i]
-                    try:
-                        r = self.ray.get(ref)
-                    except self.ray.exceptions.RayError as e:
-                        failures.append(Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})",
-                                                time.time()))
-                        continue
-                    if r["dropped"]:
-                        console.line(s.rank, f"[{r['dropped']} line(s) skipped; the full output is in the "
-                                             f"rank's log file]", True)
-                    for is_err, text in r["lines"]:
-                        console.line(s.rank, text, is_err)
-                    cursors[i] = r["cursor"]
-                    if r["exit"] is None:
-                        pending[self.actors[i].poll.remote(cursors[i], 0.5)] = i
-                    elif r["exit"] != 0:
-                        failures.append(Failure(s.rank, s.node, describe_exit(r["exit"]),
-                                                r["exited_at"] or time.time()))
-                    else:
-                        done[i] = 0
+                    r, failure = self._take(i, ref, console)
+                    if failure is not None:
+                        failures.append(failure)
+                    elif r["exit"] is None:  # still running: ask for the lines after these
+                        pending[self.actors[i].poll.remote(r["cursor"], 0.5)] = i
             if failures:
                 failures += self._drain(pending, console)
         finally:
@@ -447,21 +430,25 @@ class RankGroup:
 
     def _drain(self, pending: dict[Any, int], console: Console, wait_s: float = 1.0) -> list[Failure]:
         """Other ranks that failed at about the same time (so the root cause can be told apart)."""
-        more = []
         ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
-        for ref in ready:
-            i = pending.pop(ref)
-            s = self.slots[i]
-            try:
-                r = self.ray.get(ref)
-            except self.ray.exceptions.RayError as e:
-                more.append(Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})", time.time()))
-                continue
-            for is_err, text in r["lines"]:
-                console.line(s.rank, text, is_err)
-            if r["exit"] not in (None, 0):
-                more.append(Failure(s.rank, s.node, describe_exit(r["exit"]), r["exited_at"] or time.time()))
-        return more
+        taken = [self._take(pending.pop(ref), ref, console) for ref in ready]
+        return [failure for _, failure in taken if failure is not None]
+
+    def _take(self, i: int, ref: Any, console: Console) -> tuple[dict[str, Any], Failure | None]:
+        """One answer of actor ``i``'s ``poll``: its lines printed; a Failure when the rank
+        exited non-zero or lost its Ray worker."""
+        s = self.slots[i]
+        try:
+            r = self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            return {}, Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})", time.time())
+        if r["dropped"]:
+            console.line(s.rank, f"[{r['dropped']} line(s) skipped; the full output is in the rank's log file]", True)
+        for is_err, text in r["lines"]:
+            console.line(s.rank, text, is_err)
+        if r["exit"] not in (None, 0):
+            return r, Failure(s.rank, s.node, describe_exit(r["exit"]), r["exited_at"] or time.time())
+        return r, None
 
     def _tail(self, rank: int) -> list[str]:
         try:

@@ -317,14 +317,9 @@ class RayBackend:
 
     def __init__(self, *, ray_module: Any = None, jobs_client: Callable[[str], Any] = _jobs_client,
                  environ: Mapping[str, str] | None = None, **options: Any) -> None:
-        from aitrain.launcher.config import RayBackendConfig
+        from aitrain.launcher.config import RayBackendConfig, backend_options
 
-        valid = {f for f in RayBackendConfig.__dataclass_fields__ if f != "name"}
-        unknown = set(options) - valid
-        if unknown:
-            raise ConfigError(f"unknown Ray backend options: {', '.join(sorted(unknown))}",
-                              f"valid: {', '.join(sorted(valid))}")
-        self.opts = RayBackendConfig(**options)
+        self.opts = backend_options(RayBackendConfig, options, "Ray")
         self._ray = ray_module
         self.jobs_client = jobs_client
         self.environ = os.environ if environ is None else environ

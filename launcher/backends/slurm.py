@@ -257,16 +257,11 @@ class SlurmBackend:
 
     def __init__(self, *, runner: Runner = run_command, environ: dict[str, str] | None = None,
                  **options: Any) -> None:
-        from aitrain.launcher.config import SlurmBackendConfig
+        from aitrain.launcher.config import SlurmBackendConfig, backend_options
 
         self.runner = runner
         self.environ = os.environ if environ is None else environ
-        valid = {f for f in SlurmBackendConfig.__dataclass_fields__ if f != "name"}
-        unknown = set(options) - valid
-        if unknown:
-            raise ConfigError(f"unknown Slurm backend options: {', '.join(sorted(unknown))}",
-                              f"valid: {', '.join(sorted(valid))}")
-        self.opts = SlurmBackendConfig(**options)
+        self.opts = backend_options(SlurmBackendConfig, options, "Slurm")
         self.requeue_pending = False  # set by run() when the ranks stopped on the preemption signal
         self._slurm: SlurmEnvironment | None = None
 
