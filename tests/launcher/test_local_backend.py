@@ -11,19 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv, run_aitrain
+from aitrain_testing import REPO, aitrain_argv, all_gone, run_aitrain
 
 FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
 pytestmark = pytest.mark.timeout(300)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def _wait_pids(pid_dir: Path, n: int, timeout: float = 60) -> list[int]:
@@ -37,10 +30,7 @@ def _wait_pids(pid_dir: Path, n: int, timeout: float = 60) -> list[int]:
 
 
 def _assert_all_gone(pids: list[int], within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    assert not [p for p in pids if _alive(p)], "rank processes left behind"
+    assert not all_gone(pids, within), "rank processes left behind"
 
 
 def _mlflow_runs(root: Path) -> list:

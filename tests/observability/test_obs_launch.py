@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, run_aitrain
+from aitrain_testing import REPO, alive, run_aitrain
 
 JOB = REPO / "tests" / "scripts" / "progress_job.py"
 HOST = os.uname().nodename
@@ -85,12 +85,6 @@ def test_launch_records_provenance_phases_system_metrics_and_rank_logs(tmp_path:
     assert {"logs/rank0.log", "logs/rank1.log"} <= logs
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_watchdog_dumps_every_stack_names_the_rank_behind_and_stops_the_job(tmp_path: Path) -> None:
@@ -113,7 +107,7 @@ def test_watchdog_dumps_every_stack_names_the_rank_behind_and_stops_the_job(tmp_
     assert ranks[0]["step"] == ranks[1]["step"] == 3
     assert all(r_["stack_source"] in ("py-spy", "faulthandler") for r_ in ranks.values())
     assert "progress_job.py" in ranks[1]["stack"]
-    assert not [p for p in (r_["pid"] for r_ in ranks.values()) if _alive(p)], "ranks left behind"
+    assert not [p for p in (r_["pid"] for r_ in ranks.values()) if alive(p)], "ranks left behind"
 
     client, run = client_and_run(tmp_path)
     assert run.info.status == "FAILED"

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv
+from aitrain_testing import REPO, aitrain_argv, wait_until
 
 JOB = REPO / "tests" / "scripts" / "progress_job.py"
 HOST = os.uname().nodename
@@ -80,16 +80,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
         srv.stop()
 
 
-def wait_for(what: str, cond, timeout: float = 90, every: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def metric_steps(path: Path) -> int:
     try:
         return sum(1 for line in path.read_text().splitlines() if line.strip())
@@ -118,12 +108,12 @@ def test_server_goes_away_mid_run_and_no_metric_is_lost(server: MlflowServer, tm
                 return runs[0]
             return None
 
-        run = wait_for("the first 10 steps in MLflow", lambda: run_with_steps(10))
+        run = wait_until(lambda: run_with_steps(10), 90, "the first 10 steps in MLflow")
         run_dir = Path(run.data.tags["aitrain.run_dir"])
         server.stop()
         (gates / "gate10").touch()  # steps 11-20 while the server is away
-        wait_for("step 20", lambda: metric_steps(run_dir / "metrics.jsonl") >= 20)
-        wait_for("the tracker to notice", lambda: "unreachable" in (tmp_path / "out.txt").read_text(), timeout=60)
+        wait_until(lambda: metric_steps(run_dir / "metrics.jsonl") >= 20, 90, "step 20")
+        wait_until(lambda: "unreachable" in (tmp_path / "out.txt").read_text(), 60, "the tracker to notice")
         server.start()
         (gates / "gate20").touch()  # steps 21-30 after it is back
         assert proc.wait(180) == 0, (tmp_path / "out.txt").read_text()

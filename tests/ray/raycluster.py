@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "scripts"))
 
+from aitrain_testing import up_or_skip  # noqa: E402
+
 TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global_batch_size=8",
         "train.log_every=1"]
 
@@ -158,24 +160,6 @@ def aitrain(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 24
                           text=True, capture_output=True, timeout=timeout)
 
 
-def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 class NetnsRay:
     """A Ray cluster of ``hosts`` nodes in network namespaces of a test rig: the head in the
     first, a worker in each other; Ray talks over the throttled management network."""
@@ -233,15 +217,4 @@ class NetnsRay:
 
 def netns_ray_cluster(hosts: int, name: str, base: int) -> Iterator[NetnsRay]:
     """A module fixture's body: the cluster up (or the module skipped, saying why), then down."""
-    import pytest
-
-    c = NetnsRay(hosts=hosts, name=name, base=base)
-    try:
-        c.up()
-    except Exception as e:  # pragma: no cover - environment problems
-        c.down()
-        pytest.skip(f"could not start Ray in network namespaces: {e}")
-    try:
-        yield c
-    finally:
-        c.down()
+    return up_or_skip(NetnsRay(hosts=hosts, name=name, base=base), "Ray in network namespaces")

@@ -16,7 +16,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import REPO, TINY, LocalHead, aitrain, alive, leftovers, wait_for  # noqa: E402
+from raycluster import REPO, TINY, LocalHead, aitrain, leftovers  # noqa: E402
+
+from aitrain_testing import alive, up_or_skip, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
@@ -24,14 +26,7 @@ FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
 
 @pytest.fixture(scope="module")
 def head():
-    h = LocalHead(num_cpus=8)
-    try:
-        h.up()
-    except Exception as e:  # pragma: no cover - environment problems
-        h.down()
-        pytest.skip(f"could not start a Ray head: {e}")
-    yield h
-    h.down()
+    yield from up_or_skip(LocalHead(num_cpus=8), "a Ray head")
 
 
 def run_dir_of(stdout: str) -> Path:
@@ -88,7 +83,7 @@ def test_killed_worker_restarts_the_group_from_the_checkpoint(head: LocalHead, t
         proc = subprocess.Popen([sys.executable, "-m", "aitrain.launcher.cli", *args], cwd=tmp_path,
                                 env=head.env(tmp_path), stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: "step 8/40" in out.read_text(), 120, "step 8")
+        wait_until(lambda: "step 8/40" in out.read_text(), 120, "step 8", poll=0.5)
         ranks = json.loads(next(tmp_path.glob("outputs/*/*/ray-ranks.json")).read_text())
         victim = next(x for x in ranks["ranks"] if x["rank"] == 1)
         os.kill(victim["worker_pid"], signal.SIGKILL)  # rank 1's Ray worker dies mid-training
@@ -143,7 +138,7 @@ def test_notebook_submits_follows_cancels_and_leaves_a_job_running(head: LocalHe
     handle = nb.cells[-1].outputs[0]["text"].strip()
     assert handle.startswith("ray://")
     env = head.env(tmp_path)
-    st = wait_for(lambda: (s := json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout))["state"]
-                  in ("SUCCEEDED", "FAILED", "STOPPED") and s, 180, "the job the notebook left running")
+    st = wait_until(lambda: (s := json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout))["state"]
+                  in ("SUCCEEDED", "FAILED", "STOPPED") and s, 180, "the job the notebook left running", poll=0.5)
     assert st["state"] == "SUCCEEDED", st
     assert_nothing_left(head)

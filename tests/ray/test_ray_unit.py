@@ -13,7 +13,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import aitrain, alive, base_env  # noqa: E402
+from raycluster import aitrain, base_env  # noqa: E402
+
+from aitrain_testing import alive  # noqa: E402
 
 from aitrain.errors import BackendError, ConfigError  # noqa: E402
 from aitrain.launcher.backends.ray import (  # noqa: E402

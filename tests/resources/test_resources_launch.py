@@ -7,12 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv, run_aitrain
+from aitrain_testing import REPO, aitrain_argv, alive, all_gone, run_aitrain, wait_until
 
 from aitrain.launcher.resources import CgroupUnavailable, JobCgroup, find_cgroups
 
@@ -21,19 +20,6 @@ LEAN = ["tracking=none", "fabric=off", f"script={PROBE}"]
 pytestmark = pytest.mark.timeout(180)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def _wait_for(path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def _cpus_allowed(pid: int) -> set[int]:
@@ -98,7 +84,7 @@ def test_each_rank_runs_on_its_own_cpus(tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for rank in (0, 1):
-            _wait_for(out / f"rank{rank}.json")
+            wait_until((out / f"rank{rank}.json").exists, 60, f"rank{rank}.json", 0.05)
         info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
         sets = [_cpus_allowed(i["pid"]) for i in info]  # read while the ranks run
     finally:
@@ -121,7 +107,7 @@ def test_rank_over_the_memory_limit_is_stopped_and_nothing_survives(tmp_path: Pa
         r = run_aitrain(["launch", *LEAN, "nproc_per_node=2", "resources.cgroup=true",
                          "resources.memory_max=300M"], tmp_path, env={"OUT_DIR": str(out), "MODE": "oom"},
                         timeout=120)
-        assert _alive(outsider.pid), "a process outside the job was hit"
+        assert alive(outsider.pid), "a process outside the job was hit"
     finally:
         outsider.kill()
         outsider.wait()
@@ -131,13 +117,10 @@ def test_rank_over_the_memory_limit_is_stopped_and_nothing_survives(tmp_path: Pa
         in r.stderr, r.stderr
     # Rank 0 started a grandchild in its own session: only the cgroup could catch it.
     grandchild = int((out / "grandchild.pid").read_text())
-    deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(grandchild), "a process of the job survived its teardown"
+    assert not all_gone([grandchild]), "a process of the job survived its teardown"
     assert "left in the job's cgroup at teardown" in r.stdout
     info = json.loads((out / "rank0.json").read_text())
-    assert not _alive(info["pid"])
+    assert not alive(info["pid"])
     groups = [line.split(":", 2) for line in info["cgroups"]]
     job_paths = [(ctrl, path) for _, ctrl, path in groups if "/aitrain/" in path]
     assert job_paths, f"rank 0 was not in the job's cgroup: {info['cgroups']}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv
+from aitrain_testing import REPO, aitrain_argv, up_or_skip
 
 sys.path.insert(0, str(REPO / "scripts"))
 import slurm_cluster  # noqa: E402
@@ -33,14 +33,7 @@ TINY = ["model.n_layer=1", "model.d_model=32", "model.seq_len=16", "train.global
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = slurm_cluster.SlurmCluster(nodes=2, name="aitslm", base=217)
-    try:
-        c.up()
-    except Exception as e:  # pragma: no cover - environment problems
-        c.down()
-        pytest.skip(f"could not start Slurm: {e}")
-    yield c
-    c.down()
+    yield from up_or_skip(slurm_cluster.SlurmCluster(nodes=2, name="aitslm", base=217), "Slurm")
 
 
 @pytest.fixture
