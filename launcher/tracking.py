@@ -70,8 +70,9 @@ def ensure_sqlite_store(uri: str) -> None:
     if not uri.startswith("sqlite:///"):
         return
     path = Path(uri[len("sqlite:///"):])
-    for stale in path.parent.glob(f".{path.name}.*.creating"):  # left by a launcher that was killed
-        pid = stale.name[len(path.name) + 2:-len(".creating")]
+    # Left by a launcher that was killed: the temporary store and sqlite's journal beside it.
+    for stale in path.parent.glob(f".{path.name}.*.creating*"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             stale.unlink(missing_ok=True)
     if path.exists():
@@ -89,7 +90,8 @@ def ensure_sqlite_store(uri: str) -> None:
         except FileExistsError:
             pass  # another launch made it first: use theirs
     finally:
-        tmp.unlink(missing_ok=True)
+        for leftover in (tmp, tmp.with_name(tmp.name + "-journal")):
+            leftover.unlink(missing_ok=True)
 
 
 def _dispose_engines(uri: str) -> None:
