@@ -20,12 +20,21 @@ namespace, exactly as multi-node launches and ``aitrain fabric bench --netns`` d
     sudo .venv/bin/python bench/fabric_tune.py [--size 64M] [--iters 5] [--json]
 
 Targets: tuned >= 5x naive, tuned >= 50% of raw TCP (one stream, one direction).
+
+Reading the raw-TCP ratio: the namespaces share this machine's CPUs and the "wire" is
+a memory copy. A one-way stream spends them on one direction; a 2-rank all_reduce
+has to copy as many bytes in each direction, and reduce, on the same CPUs. So the
+ratio says more about the kernel's cost per byte than about the settings. The report
+names the CPU count and the namespaces' TCP congestion control (``--tcp-cc`` sets it
+in the rig's namespaces only): on a 2-core VM, bbr (whose pacing is costly there)
+and reno give raw one-way numbers 4x apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -87,6 +96,24 @@ def tcp_throughput(pairs: list[tuple[str, str, str]], total: int, port: int) -> 
     return [float(r.communicate(timeout=300)[0].strip()) for r in receivers]
 
 
+def netns_tcp_cc(rig: netns_rig.Rig, name: str | None) -> str:
+    """Set (when ``name``) and return the rig namespaces' TCP congestion control.
+
+    The sysctl is per network namespace: the host's own setting is left alone.
+    """
+    key = "net.ipv4.tcp_congestion_control"
+    for h in rig.hosts:
+        if name:
+            done = subprocess.run([*h.nsenter(), "sysctl", "-q", "-w", f"{key}={name}"],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+                raise SystemExit(f"fabric_tune: cannot set {key}={name} in {h.name}: "
+                                 f"{done.stderr.strip()} (allowed here: {' '.join(allowed)})")
+    return subprocess.run([*rig.hosts[0].nsenter(), "sysctl", "-n", key], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def all_reduce_busbw(nodes, size: str, iters: int, run_dir: Path, timeout: float) -> tuple[float | None, str]:
     out = run_dir / "result.json"
     argv = [sys.executable, "-u", "-m", "aitrain.fabric.bench_rank", "--mode", "bench", "--collectives",
@@ -110,6 +137,9 @@ def main() -> int:
     ap.add_argument("--name", default="aitb")
     ap.add_argument("--base", type=int, default=217)
     ap.add_argument("--skip-unset", action="store_true", help="skip the run without GLOO_SOCKET_IFNAME")
+    ap.add_argument("--tcp-cc", metavar="NAME",
+                    help="TCP congestion control inside the rig's namespaces (default: the host's; "
+                         "one of net.ipv4.tcp_allowed_congestion_control)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     why = netns_rig.available()
@@ -124,6 +154,8 @@ def main() -> int:
         rig.up()
         make_fast_dns_fail(rig)
         n1, n2 = rig.hosts
+        report["cpus"] = len(os.sched_getaffinity(0))
+        report["tcp_congestion_control"] = netns_tcp_cc(rig, args.tcp_cc)
         probes = [probe_node(netns_node(h.name)) for h in rig.hosts]
 
         # naive: the default route's interface (eth0), rendezvous at node 0's address there
@@ -190,6 +222,8 @@ def main() -> int:
         return f"{x:.3f} GB/s" if isinstance(x, float) else "failed"
 
     print(f"all_reduce busbw at {args.size}, 2 hosts (network namespaces), 1 rank each, gloo on CPU")
+    print(f"  ({report['cpus']} CPUs shared by both namespaces; TCP congestion control "
+          f"{report['tcp_congestion_control']})")
     if "unset" in report:
         u = report["unset"]
         print(f"  no GLOO_SOCKET_IFNAME           : {gb(u['busbw_gbps'])}"  # type: ignore[index]
