@@ -107,11 +107,13 @@ class Failure:
 
 class NodesExcluded(Exception):
     """The smoke test proved Ray nodes bad and ``fabric.exclude_bad_nodes=true``: the backend
-    places the job again without them (``job_nodes`` fewer job nodes)."""
+    places the job again without them (``job_nodes`` fewer job nodes; ``labels``: how the
+    smoke test named them, ``node<k>@<Ray address>``)."""
 
-    def __init__(self, message: str, ray_node_ids: list[str], job_nodes: int) -> None:
+    def __init__(self, message: str, ray_node_ids: list[str], job_nodes: int, labels: list[str] | None = None) -> None:
         super().__init__(message)
         self.message, self.ray_node_ids, self.job_nodes = message, ray_node_ids, job_nodes
+        self.labels = labels or []
 
 
 class Interrupted(Exception):
@@ -338,7 +340,8 @@ class RankGroup:
         if outcome.excluded:
             excluded = {runner.names[n] for n in outcome.excluded}
             raise NodesExcluded(outcome.message, [runner.ray_node(n) for n in outcome.excluded],
-                                sum(len(ranks) for name, ranks in phys if name in excluded))
+                                sum(len(ranks) for name, ranks in phys if name in excluded),
+                                labels=list(outcome.excluded))
         self.say(f"aitrain: ray: {outcome.message}")
         return outcome
 

@@ -48,6 +48,7 @@ PARAM_VALUE_MAX = 500  # MLflow's limit on a param value
 TAG_VALUE_MAX = 5000
 STATE_FILE = "tracking.json"
 PHASES_FILE = "phases.jsonl"
+WORLD_FILE = "world.json"  # the job's size when the launcher changed it after the start (bad nodes left out)
 DOCUMENTS_DIR = "documents"
 DRAIN_TIMEOUT_S = float(os.environ.get("AITRAIN_TRACKING_DRAIN_S", "30"))
 FIRST_METRIC_GRACE_S = 30.0  # forward anyway after this long without a training step (user scripts)
@@ -126,6 +127,16 @@ def record_phase(run_dir: Path, name: str, seconds: float) -> None:
     """Record a phase timing (``phase/<name>_s``) from any process of the launch, tracker or not."""
     with open(Path(run_dir) / PHASES_FILE, "a") as f:
         f.write(json.dumps({"phase": name, "seconds": float(seconds), "time": time.time()}) + "\n")
+
+
+def record_world(run_dir: Path, *, nnodes: int, nproc_per_node: int, excluded: list[str]) -> None:
+    """The job's size after bad nodes were left out, for the MLflow tags (nnodes, world_size,
+    fabric.excluded_nodes) the tracker set from the size the launch started with."""
+    path = Path(run_dir) / WORLD_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"nnodes": nnodes, "world_size": nnodes * nproc_per_node,
+                               "excluded_nodes": list(excluded)}))
+    tmp.replace(path)
 
 
 def git_info(path: Path) -> dict[str, str]:
@@ -402,6 +413,7 @@ class Tracker:
             self.state["params_logged"] = True
             self._save_state()
         self._node_tags()
+        self._world_tags()
         with self._lock:
             tags = {k: v for k, v in self.state["tags"].items() if self.state["tags_logged"].get(k) != v}
         if tags:
@@ -487,6 +499,14 @@ class Tracker:
         if gpus:
             tags["gpu"] = f"{len(gpus)}x {gpus[0].get('name')}"
         self.set_tags(**tags)
+
+    def _world_tags(self) -> None:
+        try:
+            world = json.loads((self.run_dir / WORLD_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        self.set_tags(**{"nnodes": world["nnodes"], "world_size": world["world_size"],
+                         "fabric.excluded_nodes": ",".join(world.get("excluded_nodes") or [])})
 
     def _spools(self) -> list[Path]:
         return [self.metrics_file, self.run_dir / PHASES_FILE, *sorted(self.run_dir.glob("system-*.jsonl"))]

@@ -532,6 +532,7 @@ class RayBackend:
         """Drive the job: place, probe, tune, run the ranks; restart up to max_failures times."""
         from aitrain.launcher.ray_group import (Interrupted, NodesExcluded, job_config_for_attempt, raise_failed,
                                                 run_group)
+        from aitrain.launcher.tracking import record_world
 
         spec = req.spec
         config_file = spec.run_dir / "job.yaml"
@@ -539,6 +540,7 @@ class RayBackend:
         cwd = None if (self.opts.runtime_env or {}).get("working_dir") else os.getcwd()
         argv = list(spec.argv)
         excluded: list[str] = []  # Ray nodes the smoke test proved bad (fabric.exclude_bad_nodes=true)
+        excluded_labels: list[str] = []
         with self.connect(spec) as ray:
             for attempt in range(self.opts.max_failures + 1):
                 if attempt and str(config_file) in argv:
@@ -557,7 +559,10 @@ class RayBackend:
                             # Placed again without them: not a failure of the job, no restart used.
                             print(f"aitrain: ray: {e.message}", flush=True)
                             excluded += e.ray_node_ids
+                            excluded_labels += e.labels
                             spec.nnodes -= e.job_nodes
+                            record_world(spec.run_dir, nnodes=spec.nnodes, nproc_per_node=spec.nproc_per_node,
+                                         excluded=excluded_labels)
                 except (Interrupted, KeyboardInterrupt) as e:
                     signum = e.signum if isinstance(e, Interrupted) else 2
                     name = "SIGINT" if signum == 2 else str(e)

@@ -453,7 +453,7 @@ class SlurmBackend:
         spec, slurm = req.spec, req.slurm
         marker = spec.run_dir / PREEMPTED_MARKER
         marker.unlink(missing_ok=True)
-        from aitrain.launcher.tracking import record_phase
+        from aitrain.launcher.tracking import record_phase, record_world
 
         cfg = spec.config
         self._record_queue_wait(slurm, spec.run_dir)
@@ -471,6 +471,8 @@ class SlurmBackend:
         nodes = self._smoke_gate(spec, slurm, tuning)
         rendezvous = tuning.addresses[nodes[0]]
         if nodes != list(slurm.nodes):  # bad nodes were left out (fabric.exclude_bad_nodes=true)
+            record_world(spec.run_dir, nnodes=len(nodes), nproc_per_node=spec.nproc_per_node,
+                         excluded=[n for n in slurm.nodes if n not in nodes])
             slurm = replace(slurm, nodes=tuple(nodes))
             spec.nnodes = len(nodes)
             req.srun = self._agents_srun(spec, slurm, [f"--nodelist={','.join(nodes)}"])

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aitrain.launcher import cli
-from aitrain.launcher.tracking import Tracker
+from aitrain.launcher.tracking import Tracker, record_world
 
 HOST = "node-a"
 STEPS = 12
@@ -212,6 +212,23 @@ def test_a_requeued_attempt_in_the_same_run_dir_gets_only_its_own_lines(tmp_path
 
     history = MlflowClient(tracking_uri=uri).get_metric_history(second.run_id, f"system/{HOST}/cpu_util_pct")
     assert [m.value for m in history] == [99.0]
+
+
+def test_leaving_bad_nodes_out_corrects_the_size_tags_and_mfu(tmp_path: Path) -> None:
+    """The tags are set from the size the launch started with; when the smoke test leaves
+    a node out, the backend records the new size and the run (and MFU) follow it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = make_tracker(tmp_path, "shrunk", lr="0.1", nccl_ifname="ib0", tokens=40000.0, uri=uri)
+    t.set_tags(world_size="4", nnodes="2")  # launched on 2 nodes x 2 ranks
+    record_world(t.run_dir, nnodes=1, nproc_per_node=2, excluded=["node-b"])
+    t.start()
+    assert t.finish("FINISHED")
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(t.run_id)
+    tags = run.data.tags
+    assert (tags["world_size"], tags["nnodes"], tags["fabric.excluded_nodes"]) == ("2", "1", "node-b")
+    assert run.data.metrics["steady/mfu"] == pytest.approx(6 * 1e6 * 40000 / (2 * 989e12))
 
 
 def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path: Path) -> None:

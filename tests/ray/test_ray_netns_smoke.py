@@ -65,3 +65,6 @@ def test_exclude_bad_nodes_places_the_job_on_the_other_two(cluster: NetnsRay, tm
     line = next(x for x in r.stdout.splitlines() if x.startswith("aitrain: ray: 2 rank(s) on 2 node(s)"))
     assert UNPLUGGED not in line  # the unplugged node is left out
     assert "[rank0 node0]:step 3/3" in r.stdout
+    world = json.loads((run_dir_of(r.stdout) / "world.json").read_text())  # what the MLflow tags follow
+    assert (world["nnodes"], world["world_size"]) == (2, 2), world
+    assert [x.split("@")[1] for x in world["excluded_nodes"]] == [UNPLUGGED], world

@@ -221,6 +221,8 @@ def test_smoke_gate_names_a_silently_broken_node_and_launches_without_it(tmp_pat
         assert st["state"] == "COMPLETED", out[-3000:]
         assert "node3" in out and "launching on the other 2 node(s)" in out
         runs, _ = mlflow_runs(tmp_path)
-        assert runs[0].data.tags["world_size"] == "2" or "node3" not in runs[0].data.tags.get("nodes", "")
+        tags = runs[0].data.tags
+        assert (tags["world_size"], tags["nnodes"], tags["fabric.excluded_nodes"]) == ("2", "2", "node3"), tags
+        assert "node3" not in tags["nodes"]
     finally:
         c.down()
