@@ -22,12 +22,11 @@ namespace, exactly as multi-node launches and ``aitrain fabric bench --netns`` d
 Targets: tuned >= 5x naive, tuned >= 50% of raw TCP (one stream, one direction).
 
 Reading the raw-TCP ratio: the namespaces share this machine's CPUs and the "wire" is
-a memory copy. A one-way stream spends them on one direction; a 2-rank all_reduce
-has to copy as many bytes in each direction, and reduce, on the same CPUs. So the
-ratio says more about the kernel's cost per byte than about the settings. The report
-names the CPU count and the namespaces' TCP congestion control (``--tcp-cc`` sets it
-in the rig's namespaces only): on a 2-core VM, bbr (whose pacing is costly there)
-and reno give raw one-way numbers 4x apart.
+the kernel copying bytes, so the ratio compares gloo's cost per byte with a bare
+socket's more than it judges the settings. The report names the CPU count and the
+namespaces' TCP congestion control (``--tcp-cc`` sets it in the rig's namespaces only):
+on a 2-core VM, bbr (whose pacing is costly there) and reno or cubic give raw one-way
+numbers 4x apart.
 """
 
 from __future__ import annotations
