@@ -501,8 +501,11 @@ class Tracker:
         self.set_tags(**tags)
 
     def _world_tags(self) -> None:
+        path = self.run_dir / WORLD_FILE
         try:
-            world = json.loads((self.run_dir / WORLD_FILE).read_text())
+            if path.stat().st_mtime < (self.state.get("not_before") or 0):
+                return  # an earlier attempt's (a requeued Slurm job that left nodes out then)
+            world = json.loads(path.read_text())
         except (OSError, ValueError):
             return
         self.set_tags(**{"nnodes": world["nnodes"], "world_size": world["world_size"],

@@ -453,7 +453,9 @@ class SlurmBackend:
         spec, slurm = req.spec, req.slurm
         marker = spec.run_dir / PREEMPTED_MARKER
         marker.unlink(missing_ok=True)
-        from aitrain.launcher.tracking import record_phase, record_world
+        from aitrain.launcher.tracking import WORLD_FILE, record_phase, record_world
+
+        (spec.run_dir / WORLD_FILE).unlink(missing_ok=True)  # a requeued attempt starts on every node again
 
         cfg = spec.config
         self._record_queue_wait(slurm, spec.run_dir)

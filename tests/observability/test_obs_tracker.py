@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -203,6 +204,8 @@ def test_a_requeued_attempt_in_the_same_run_dir_gets_only_its_own_lines(tmp_path
     (run_dir / "metrics.jsonl").unlink()  # what the launch does: metrics-<time>.jsonl
     with open(system, "a") as f:
         f.write(json.dumps({"time": time.time(), "step": 1, f"system/{HOST}/cpu_util_pct": 99.0}) + "\n")
+    record_world(run_dir, nnodes=1, nproc_per_node=1, excluded=["node-b"])  # the first attempt left one out
+    os.utime(run_dir / "world.json", (old, old))
     second = Tracker(uri=uri, experiment="aitrain", run_name="attempt-2", run_dir=run_dir, params={},
                      tags={"world_size": "2"}, poll_s=0.05)
     second.start()
@@ -212,6 +215,8 @@ def test_a_requeued_attempt_in_the_same_run_dir_gets_only_its_own_lines(tmp_path
 
     history = MlflowClient(tracking_uri=uri).get_metric_history(second.run_id, f"system/{HOST}/cpu_util_pct")
     assert [m.value for m in history] == [99.0]
+    tags = MlflowClient(tracking_uri=uri).get_run(second.run_id).data.tags
+    assert tags["world_size"] == "2" and "fabric.excluded_nodes" not in tags  # not the first attempt's size
 
 
 def test_leaving_bad_nodes_out_corrects_the_size_tags_and_mfu(tmp_path: Path) -> None:
