@@ -233,5 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _leave(code: int) -> None:
+    """Exit a rank of a distributed launch without the interpreter's shutdown.
+
+    With torch 2.13 and gloo, a rank that finished (barrier, group destroyed, everything
+    written) still aborts now and then while the interpreter shuts down ("terminate called
+    without an active exception", no Python frame left), turning a finished job into a
+    failed one. Nothing of ours needs the shutdown: outputs are closed, logs flushed here.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        _leave(code)
+    sys.exit(code)
