@@ -132,10 +132,14 @@ def record_phase(run_dir: Path, name: str, seconds: float) -> None:
 def record_world(run_dir: Path, *, nnodes: int, nproc_per_node: int, excluded: list[str]) -> None:
     """The job's size after bad nodes were left out, for the MLflow tags (nnodes, world_size,
     fabric.excluded_nodes) the tracker set from the size the launch started with."""
-    path = Path(run_dir) / WORLD_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"nnodes": nnodes, "world_size": nnodes * nproc_per_node,
-                               "excluded_nodes": list(excluded)}))
+    _write_whole(Path(run_dir) / WORLD_FILE, json.dumps({"nnodes": nnodes, "world_size": nnodes * nproc_per_node,
+                                                         "excluded_nodes": list(excluded)}))
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``path`` so that a reader sees the old or the new text, never part of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -242,9 +246,7 @@ class Tracker:
             raise ValueError(f"document name {name!r} is empty")
         path = self.run_dir / DOCUMENTS_DIR / Path(*parts[:-1]) / f"{parts[-1]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
-        tmp.replace(path)
+        _write_whole(path, json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
         return path
 
     def set_tags(self, **tags: Any) -> None:
@@ -308,10 +310,7 @@ class Tracker:
 
     def _save_state(self) -> None:
         with self._lock:  # also serialises the writers (the launch thread and the tracker thread)
-            data = json.dumps(self.state, indent=1, sort_keys=True)
-            tmp = self.run_dir / (STATE_FILE + ".tmp")
-            tmp.write_text(data)
-            tmp.replace(self.run_dir / STATE_FILE)
+            _write_whole(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True))
 
     def _started_training(self) -> bool:
         if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
