@@ -9,6 +9,8 @@ Topology in, findings and env out: this package imports nothing from
 - ``tune(cluster, *, rendezvous=None, nccl_version=None, user_env=None, ...) -> {host: TunedEnv}``
 """
 
+from aitrain.fabric import probe  # the readers package, made callable below
+from aitrain.fabric.checks import FINDING_IDS, check
 from aitrain.fabric.findings import Finding, Severity, has_errors, sort_findings
 from aitrain.fabric.topology import (
     Cluster,
@@ -25,8 +27,6 @@ from aitrain.fabric.topology import (
     Route,
     RouteLookup,
 )
-from aitrain.fabric import probe  # the readers package, made callable below
-from aitrain.fabric.checks import FINDING_IDS, check
 
 __all__ = [
     "FINDING_IDS",

@@ -27,8 +27,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "sendrecv")
 ELEMENT_BYTES = 4  # float32
@@ -151,7 +152,7 @@ class BenchResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchResult":
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
         rows = [BenchRow(**r) for r in d.get("rows", [])]
         return cls(world_size=d.get("world_size", 1), backend=d.get("backend", ""),
                    device=d.get("device", "cpu"), rows=rows, env=dict(d.get("env", {})),

@@ -8,12 +8,11 @@ launcher decide what to do with them (``fabric.on_error``).
 from __future__ import annotations
 
 import gc
-from typing import Iterable
+from collections.abc import Iterable
 
 from aitrain.fabric.findings import Finding, Severity, sort_findings
-from aitrain.fabric.rules import CheckOptions, HostView
+from aitrain.fabric.rules import CheckOptions, HostView, gpudirect, network, pcie, rdma
 from aitrain.fabric.rules import cluster as cluster_rules
-from aitrain.fabric.rules import gpudirect, network, pcie, rdma
 from aitrain.fabric.topology import Cluster, HostTopology
 
 HOST_RULES = (*rdma.RULES, *pcie.RULES, *gpudirect.RULES, *network.RULES)

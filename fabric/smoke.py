@@ -17,8 +17,8 @@ the launcher supplies one that starts real processes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 GroupRunner = Callable[[list[list[str]]], list[bool]]
 

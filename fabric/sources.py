@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from aitrain.errors import FabricError
 from aitrain.fabric.topology import HostTopology, loads_topologies

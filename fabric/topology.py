@@ -18,8 +18,9 @@ import json
 import socket
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 SCHEMA_VERSION = 1
 
@@ -614,7 +615,7 @@ class Cluster(_Serializable):
         return iter(self.hosts)
 
     @classmethod
-    def of(cls, hosts: "Cluster | HostTopology | Iterable[HostTopology]") -> "Cluster":
+    def of(cls, hosts: Cluster | HostTopology | Iterable[HostTopology]) -> Cluster:
         if isinstance(hosts, Cluster):
             return hosts
         if isinstance(hosts, HostTopology):

@@ -26,22 +26,23 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from aitrain.errors import FabricError
 from aitrain.fabric.topology import (
     GID_TYPE_ROCE_V2,
+    PCI_SAME_ROOT_COMPLEX,
+    PCI_SAME_SWITCH,
     Cluster,
     HostTopology,
     Nic,
+    PciDevice,
     RdmaDevice,
     RdmaPort,
     distance_rank,
     pci_distance,
-    PCI_SAME_ROOT_COMPLEX,
-    PCI_SAME_SWITCH,
-    PciDevice,
 )
 
 # NCCL selects the RoCE GID itself from this version on (NCCL 2.21 release notes).
@@ -85,7 +86,7 @@ class TuneOptions:
 
     @classmethod
     def from_config(cls, fabric: Any, *, nproc_per_node: int = 1, dist_backend: str = "auto",
-                    multi_host: bool | None = None, trace_dir: str | None = None) -> "TuneOptions":
+                    multi_host: bool | None = None, trace_dir: str | None = None) -> TuneOptions:
         """From a ``FabricConfig`` (read by attribute: fabric never imports launcher)."""
         return cls(
             interface=getattr(fabric, "interface", None),
@@ -129,7 +130,7 @@ class TunedEnv:
                 "interface": self.interface, "address": self.address}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TunedEnv":
+    def from_dict(cls, d: Mapping[str, Any]) -> TunedEnv:
         return cls(hostname=d.get("hostname", ""), env=dict(d.get("env", {})),
                    reasons=dict(d.get("reasons", {})), user_set=list(d.get("user_set", [])),
                    notes=dict(d.get("notes", {})), interface=d.get("interface"),

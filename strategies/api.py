@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,7 @@ class LaunchSettings:
     options: StrategyOptions
 
 
-def launch_settings(world_size: Optional[int] = None) -> LaunchSettings:
+def launch_settings(world_size: int | None = None) -> LaunchSettings:
     """Read the job's strategy from the launcher (``$AITRAIN_RUN_DIR/job.yaml``, ``$AITRAIN_STRATEGY``).
 
     Outside ``aitrain launch`` (plain torchrun) this is DDP over every rank.
@@ -72,8 +73,8 @@ def launch_settings(world_size: Optional[int] = None) -> LaunchSettings:
     return LaunchSettings(strategy, plan, options)
 
 
-def apply(model: nn.Module, plan: Optional[ParallelPlan] = None, *, strategy: Optional[str] = None,
-          mesh: Any = None, options: Optional[StrategyOptions] = None, cfg: Any = None) -> nn.Module:
+def apply(model: nn.Module, plan: ParallelPlan | None = None, *, strategy: str | None = None,
+          mesh: Any = None, options: StrategyOptions | None = None, cfg: Any = None) -> nn.Module:
     """Parallelise ``model`` with a registered strategy over one DeviceMesh.
 
     With no arguments, uses what ``aitrain launch`` was asked for (see :func:`launch_settings`).
@@ -111,7 +112,7 @@ def data_parallel_rank(model: nn.Module) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def _grad_sync(model: nn.Module, ctx: Optional[ParallelContext], sync: bool) -> Iterator[None]:
+def _grad_sync(model: nn.Module, ctx: ParallelContext | None, sync: bool) -> Iterator[None]:
     if sync or ctx is None:
         yield
     elif ctx.data_parallel == "ddp":
@@ -127,7 +128,7 @@ def _grad_sync(model: nn.Module, ctx: Optional[ParallelContext], sync: bool) -> 
         yield
 
 
-def _autocast(ctx: Optional[ParallelContext]) -> Any:
+def _autocast(ctx: ParallelContext | None) -> Any:
     if ctx is None or ctx.autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(ctx.device.type, dtype=ctx.autocast_dtype)
@@ -135,7 +136,7 @@ def _autocast(ctx: Optional[ParallelContext]) -> Any:
 
 def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
-                     grad_accum: int = 1) -> Optional[torch.Tensor]:
+                     grad_accum: int = 1) -> torch.Tensor | None:
     """Forward and backward over this rank's batch, in ``grad_accum`` sequential micro-steps.
 
     Gradients end up as those of the batch's mean loss (synchronised once, on the last
@@ -159,7 +160,7 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
                               f"pp.microbatches={micro} equal micro-batches",
                               "make global batch / (data-parallel size x train.grad_accum) a multiple of "
                               "pp.microbatches")
-        total: Optional[torch.Tensor] = None
+        total: torch.Tensor | None = None
         for x, y in zip(xs, ys):
             with _autocast(ctx):
                 loss = model.step(x, y, loss_fn, scale=1.0 / (grad_accum * micro))
@@ -206,7 +207,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     return total
 
 
-def mean_loss(model: nn.Module, loss: Optional[torch.Tensor]) -> float:
+def mean_loss(model: nn.Module, loss: torch.Tensor | None) -> float:
     """The job's loss: ``loss`` (from :func:`forward_backward`) averaged over data-parallel ranks,
     taken from the last pipeline stage. Collective: every rank must call it."""
     ctx = context_of(model)

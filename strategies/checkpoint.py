@@ -27,8 +27,9 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,13 +62,13 @@ def complete_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]
     return sorted(out)
 
 
-def latest(root: str | os.PathLike[str]) -> Optional[Path]:
+def latest(root: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint under ``root`` (half-written ones are skipped)."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
 
 
-def resolve_resume(resume: str, root: str | os.PathLike[str]) -> Optional[Path]:
+def resolve_resume(resume: str, root: str | os.PathLike[str]) -> Path | None:
     """``none`` -> None; ``auto`` -> latest complete under ``root`` (None when there is none);
     a path -> that checkpoint (or the latest complete one under it). A path that holds no
     complete checkpoint is an error."""
@@ -90,9 +91,8 @@ def resolve_resume(resume: str, root: str | os.PathLike[str]) -> Optional[Path]:
                       "or resume=auto to start fresh when there is none")
 
 
-def _state_dicts(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
-        get_optimizer_state_dict
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(flatten_optimizer_state_dict=True)
     state: dict[str, Any] = {"model": get_model_state_dict(model, options=opts)}
@@ -131,8 +131,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save(root: str | os.PathLike[str], step: int, model: nn.Module,
-         optimizer: Optional[torch.optim.Optimizer] = None, *, keep: int = 0,
-         info: Optional[dict[str, Any]] = None) -> Path:
+         optimizer: torch.optim.Optimizer | None = None, *, keep: int = 0,
+         info: dict[str, Any] | None = None) -> Path:
     """Save model (and optimizer) state after ``step`` optimizer steps. Collective.
 
     ``keep`` > 0 removes the oldest complete checkpoints beyond that many (and stale
@@ -184,12 +184,11 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike[str], model: nn.Module,
-         optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load a complete checkpoint into ``model`` (and ``optimizer``), resharding to this job's
     layout. Collective. Returns the marker's info (``step`` is the steps already taken)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     path = Path(path)
     if not is_complete(path):

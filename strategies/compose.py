@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,12 +72,12 @@ def wrap_activation_checkpointing(block: nn.Module, mode: str) -> nn.Module:
     return block
 
 
-def _blocks(model: nn.Module) -> Optional[nn.Module]:
+def _blocks(model: nn.Module) -> nn.Module | None:
     layers = getattr(model, "layers", None)
     return layers if isinstance(layers, (nn.ModuleDict, nn.ModuleList)) else None
 
 
-def parallelize(model: nn.Module, *, plan: ParallelPlan, mesh: Optional[DeviceMesh], options: StrategyOptions,
+def parallelize(model: nn.Module, *, plan: ParallelPlan, mesh: DeviceMesh | None, options: StrategyOptions,
                 strategy: str, data_parallel: str) -> nn.Module:
     """Apply the pieces in order; ``data_parallel`` is "ddp", "fsdp" (always), "auto" (FSDP when dp > 1)
     or "none". Returns the module to train (a :class:`PipelineModule` when ``plan.pp > 1``)."""
@@ -146,7 +146,7 @@ def _apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, bf16: bool, pipelined: bo
 
 
 def check_model(model: nn.Module, plan: ParallelPlan, options: StrategyOptions, *,
-                seq_len: Optional[int] = None) -> None:
+                seq_len: int | None = None) -> None:
     """Can ``model`` (real or on the meta device) be cut into ``plan.pp`` stages and sharded
     ``plan.tp`` ways? A ConfigError names the module and why."""
     from aitrain.strategies.pp import _layer_keys

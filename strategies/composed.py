@@ -8,8 +8,8 @@ from torch import nn
 
 from aitrain.strategies.options import StrategyOptions
 from aitrain.strategies.plan import ParallelPlan
-from aitrain.strategies.rules import check_degrees
 from aitrain.strategies.registry import register
+from aitrain.strategies.rules import check_degrees
 
 
 def _check_fsdp_tp(plan: ParallelPlan, options: StrategyOptions) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ class ParallelContext:
     mesh: Any  # DeviceMesh
     options: StrategyOptions
     data_parallel: str  # "ddp" | "fsdp" | "none": how gradients are synchronised
-    autocast_dtype: Optional[torch.dtype]  # bf16 via autocast (strategies without FSDP)
+    autocast_dtype: torch.dtype | None  # bf16 via autocast (strategies without FSDP)
     device: torch.device
 
 
@@ -29,6 +29,6 @@ def attach(model: nn.Module, ctx: ParallelContext) -> None:
     object.__setattr__(model, _ATTR, ctx)
 
 
-def context_of(model: nn.Module) -> Optional[ParallelContext]:
+def context_of(model: nn.Module) -> ParallelContext | None:
     """The context ``aitrain.strategies.apply`` attached, or None for a plain module."""
     return model.__dict__.get(_ATTR)

@@ -9,8 +9,9 @@ launcher to build one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from aitrain.errors import ConfigError
 
@@ -42,7 +43,7 @@ class StrategyOptions:
     pp_stages_per_rank: int = 0  # model chunks per pipeline rank (0: 1 for single-stage schedules, else 2)
     # TP plan for models not laid out like the built-in GPT: {module FQN: ParallelStyle},
     # handed to torch's parallelize_module as it is. Not settable from YAML.
-    tp_plan: Optional[Mapping[str, Any]] = field(default=None, compare=False)
+    tp_plan: Mapping[str, Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
@@ -91,7 +92,7 @@ class StrategyOptions:
         return PP_SCHEDULES[self.pp_schedule]
 
     @classmethod
-    def from_config(cls, strategy: Any = None, pp: Any = None, **overrides: Any) -> "StrategyOptions":
+    def from_config(cls, strategy: Any = None, pp: Any = None, **overrides: Any) -> StrategyOptions:
         """Build from config-like objects: ``strategy`` (mixed_precision, activation_checkpointing,
         compile, sequence_parallel) and ``pp`` (schedule, microbatches, stages_per_rank)."""
         values: dict[str, Any] = {}

@@ -18,7 +18,7 @@ class ParallelPlan:
 
     @classmethod
     def resolve(cls, *, world_size: int, dp_replicate: int = 1, dp_shard: int = -1,
-                tp: int = 1, pp: int = 1) -> "ParallelPlan":
+                tp: int = 1, pp: int = 1) -> ParallelPlan:
         """Fill one -1 degree with "the rest" and check the product against the world size."""
         degrees = {"dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": tp, "pp": pp}
         for name, d in degrees.items():

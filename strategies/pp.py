@@ -14,7 +14,8 @@ so optimizers and checkpoints see the same names whatever the layout.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from aitrain.errors import ConfigError
 from aitrain.strategies.options import StrategyOptions
 from aitrain.strategies.plan import ParallelPlan
-from aitrain.strategies.rules import check_degrees, check_stages
 from aitrain.strategies.registry import register
+from aitrain.strategies.rules import check_degrees, check_stages
 
 _FIRST = ("tok_embeddings", "pos_embeddings")
 _LAST = ("norm", "output")
@@ -116,7 +117,7 @@ class PipelineModule(nn.Module):
         self.schedule: Any = None
         self.has_first = False
         self.has_last = False
-        self._loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+        self._loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self._loss_scale = 1.0
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -130,7 +131,7 @@ class PipelineModule(nn.Module):
         return self._loss_fn(output, target) * self._loss_scale
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
-             scale: float) -> Optional[torch.Tensor]:
+             scale: float) -> torch.Tensor | None:
         """One schedule step over a batch; returns the sum of the scaled micro-batch losses
         on the rank holding the last stage, else None. Gradients accumulate."""
         self._loss_fn, self._loss_scale = loss_fn, scale

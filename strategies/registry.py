@@ -8,8 +8,9 @@ strategies register when first looked up (importing them imports torch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aitrain.errors import ConfigError
 
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 
 
 class StrategyFn(Protocol):
-    def __call__(self, model: "nn.Module", *, plan: "ParallelPlan", mesh: Any,
-                 options: "StrategyOptions") -> "nn.Module": ...
+    def __call__(self, model: nn.Module, *, plan: ParallelPlan, mesh: Any,
+                 options: StrategyOptions) -> nn.Module: ...
 
 
 CheckFn = Callable[["ParallelPlan", "StrategyOptions"], None]
@@ -32,14 +33,14 @@ CheckFn = Callable[["ParallelPlan", "StrategyOptions"], None]
 class Strategy:
     name: str
     fn: StrategyFn
-    check: Optional[CheckFn]
+    check: CheckFn | None
     summary: str
 
 
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, *, check: Optional[CheckFn] = None,
+def register(name: str, *, check: CheckFn | None = None,
              summary: str = "") -> Callable[[StrategyFn], StrategyFn]:
     """Decorator: register ``fn`` as strategy ``name`` (an error if the name is taken)."""
 
@@ -71,7 +72,7 @@ def get(name: str) -> StrategyFn:
     return lookup(name).fn
 
 
-def check(name: str, plan: "ParallelPlan", options: "StrategyOptions") -> None:
+def check(name: str, plan: ParallelPlan, options: StrategyOptions) -> None:
     """Raise ConfigError if strategy ``name`` cannot run with these degrees/options."""
     s = lookup(name)
     if s.check is not None:

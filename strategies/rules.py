@@ -9,7 +9,7 @@ process starts, and the strategies run them again on the real model.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from aitrain.errors import ConfigError
 from aitrain.strategies.options import StrategyOptions
@@ -109,8 +109,8 @@ def check_batch(plan: ParallelPlan, options: StrategyOptions, *, global_batch_si
                           ", or change pp.microbatches")
 
 
-def preflight(strategy: str, plan: ParallelPlan, options: StrategyOptions, *, model: Optional[Any] = None,
-              train: Optional[Any] = None) -> None:
+def preflight(strategy: str, plan: ParallelPlan, options: StrategyOptions, *, model: Any | None = None,
+              train: Any | None = None) -> None:
     """Everything checkable before a process starts (no torch import). ``model``: the built-in GPT's
     sizes (n_layer, n_head, d_model, mlp_ratio, vocab_size, seq_len); ``train``: global_batch_size,
     grad_accum. Leave them None for user scripts."""

@@ -29,8 +29,9 @@ from torch.distributed.tensor.parallel import (
 
 from aitrain.strategies.options import StrategyOptions
 from aitrain.strategies.plan import ParallelPlan
-from aitrain.strategies.rules import check_degrees, check_sequence_split, check_split, tp_error
 from aitrain.strategies.registry import register
+from aitrain.strategies.rules import check_degrees, check_sequence_split, check_split, tp_error
+
 
 def _linear(parent: nn.Module, parent_name: str, child: str) -> nn.Linear:
     m = getattr(parent, child, None)

@@ -8,9 +8,10 @@ machine.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 from aitrain.errors import FabricError
 from aitrain.fabric.host.readers import read_text

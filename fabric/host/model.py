@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from aitrain.fabric.findings import Severity
 from aitrain.fabric.host.readers import CgroupInfo, HostPaths

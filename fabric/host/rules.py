@@ -9,7 +9,7 @@ breaks a job, info for advice and for settings the host does not expose.
 from __future__ import annotations
 
 import shlex
-from typing import Callable
+from collections.abc import Callable
 
 from aitrain.fabric.findings import Severity
 from aitrain.fabric.host.cpus import format_cpulist

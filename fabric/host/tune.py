@@ -13,9 +13,10 @@ import datetime as _dt
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding

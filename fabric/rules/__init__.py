@@ -42,7 +42,7 @@ class HostView:
     routes: dict[str, RouteLookup] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, topo: HostTopology) -> "HostView":
+    def of(cls, topo: HostTopology) -> HostView:
         view = cls(topo=topo, host=topo.hostname or "?")
         view.pci = {p.address: p for p in topo.pci_devices}
         view.nics = {n.name: n for n in topo.nics}

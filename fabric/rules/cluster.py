@@ -8,7 +8,8 @@ the number of hosts.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Callable, Hashable, Iterable, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import TypeVar
 
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.rules import CheckOptions, HostView

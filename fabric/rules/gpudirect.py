@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.rules import CheckOptions, HostView, fmt_bytes

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.probe.pci import ACS_P2P_REDIRECT, effective_max

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.probe.infiniband import netdev_mtu_for_roce, roce_mtu_for_netdev
