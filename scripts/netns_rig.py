@@ -98,7 +98,7 @@ class Rig:
     def controller_address(self) -> str:
         return f"10.{self.base}.1.254"
 
-    def up(self) -> "Rig":
+    def up(self) -> Rig:
         self.down()
         for br, mtu in ((self.mgmt_bridge, 1500), (self.fabric_bridge, self.fabric_mtu)):
             _ip("link", "add", br, "type", "bridge")
@@ -145,7 +145,7 @@ class Rig:
             _ip("link", "del", br, check=False)
         self.hosts = []
 
-    def __enter__(self) -> "Rig":
+    def __enter__(self) -> Rig:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:

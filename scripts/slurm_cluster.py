@@ -161,7 +161,7 @@ class SlurmCluster:
                      "MaxTime=INFINITE State=UP OverSubscribe=FORCE:4")
         self.conf.write_text("\n".join(lines) + "\n")
 
-    def up(self, timeout: float = 60) -> "SlurmCluster":
+    def up(self, timeout: float = 60) -> SlurmCluster:
         self.down()
         ensure_munge()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,7 @@ class SlurmCluster:
         if pid_file.exists():
             pid_file.unlink()
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.up()
 
     def __exit__(self, *exc: object) -> None:

@@ -4,6 +4,7 @@ Hypothesis fuzzes every parser over file contents and whole trees."""
 from __future__ import annotations
 
 import shutil
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -8,9 +8,9 @@ import shutil
 import time
 from pathlib import Path
 
+import hostbuilder
 import pytest
 
-import hostbuilder
 from aitrain.errors import FabricError
 from aitrain.fabric import FabricCache, preflight, probe
 from aitrain.fabric.cache import host_key, summarize_errors

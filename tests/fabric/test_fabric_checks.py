@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
+import hostbuilder
 import pytest
 
-import hostbuilder
 from aitrain.fabric import FINDING_IDS, check, probe
 from aitrain.fabric.findings import Severity
 from aitrain.fabric.topology import (

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import hostbuilder
 import pytest
 
-import hostbuilder
 from aitrain.errors import FabricError
 from aitrain.fabric import probe
 from aitrain.fabric.probe import resolve_roots

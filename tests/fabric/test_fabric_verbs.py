@@ -4,6 +4,7 @@ libibverbs built from a synthetic tree to prove sysfs and pyverbs agree."""
 from __future__ import annotations
 
 import types
+
 import pytest
 
 from aitrain.fabric import probe

@@ -7,8 +7,8 @@ shadow ``tests/conftest.py`` for ``from aitrain_testing import ...`` elsewhere).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

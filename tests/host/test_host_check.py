@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hosttree import make_host, write_tree  # noqa: F401 (fixture)
 
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.host import HostPaths, check_host, rule_ids
-from hosttree import make_host, write_tree  # noqa: F401 (fixture)
 
 
 def by_id(findings: list[Finding]) -> dict[str, Finding]:

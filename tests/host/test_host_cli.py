@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hosttree import make_host, snapshot, write_tree  # noqa: F401 (fixture)
 
 from aitrain.fabric.host import rule_ids
 from aitrain.launcher import cli_host
 from aitrain.launcher.cli import main
-from hosttree import make_host, snapshot, write_tree  # noqa: F401 (fixture)
 
 
 def roots(paths) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hosttree import make_host  # noqa: F401 (fixture)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,6 @@ from aitrain.fabric.host import (
     read_numa_nodes,
     read_online_cpus,
 )
-from hosttree import make_host  # noqa: F401 (fixture)
 
 # two sockets, 4 cores each, 2 threads per core: node0 = cores 0-3 (+ siblings 8-11)
 NODES = {0: [0, 1, 2, 3, 8, 9, 10, 11], 1: [4, 5, 6, 7, 12, 13, 14, 15]}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hosttree import GiB, make_host, write_tree  # noqa: F401 (fixture)
+
 from aitrain.fabric.host.readers import (
     HostPaths,
     Limit,
@@ -19,7 +21,6 @@ from aitrain.fabric.host.readers import (
     read_sysctl,
     read_thp,
 )
-from hosttree import GiB, make_host, write_tree  # noqa: F401 (fixture)
 
 
 def test_selector_files_read_the_bracketed_choice() -> None:

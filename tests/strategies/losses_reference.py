@@ -30,7 +30,7 @@ def tiny_overrides(n_layer: int = 2, steps: int = STEPS, batch: int = BATCH) -> 
             "tracking=none", "fabric=off"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference_losses(n_layer: int = 2, steps: int = STEPS, batch: int = BATCH) -> tuple[float, ...]:
     cfg = JobConfig(model=ModelConfig(n_layer=n_layer, **TINY), train=TrainConfig(steps=steps, global_batch_size=batch))
     m, t = cfg.model, cfg.train

@@ -14,7 +14,6 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import hostbuilder  # noqa: E402
 import netns_rig  # noqa: E402
-
 from rig_helpers import RIG_BASE, RIG_NAME, make_fast_dns_fail  # noqa: E402
 
 

@@ -11,8 +11,8 @@ import hostbuilder
 import pytest
 
 from aitrain.fabric.probe.fs import Root
-from aitrain.fabric.probe.netns import KernelLink, IFF_RUNNING, IFF_UP, read_kernel_links, reconcile_nics
 from aitrain.fabric.probe.net import read_nics
+from aitrain.fabric.probe.netns import IFF_RUNNING, IFF_UP, KernelLink, read_kernel_links, reconcile_nics
 
 UP = IFF_UP | IFF_RUNNING
 
