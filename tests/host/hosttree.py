@@ -1,7 +1,7 @@
 """Temporary proc/sys trees shaped like a stock (untuned) two-socket GPU host.
 
-Test modules import ``make_host`` from here (not from a conftest.py, which would
-shadow ``tests/conftest.py`` for ``from aitrain_testing import ...`` elsewhere).
+The ``make_host`` fixture (in this folder's conftest.py) is :func:`host_maker` over
+the test's ``tmp_path``; test modules import the plain helpers from here.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from aitrain.fabric.host import HostPaths
 
@@ -35,9 +33,11 @@ Hugepagesize:       2048 kB
 Hugetlb:               0 kB
 """
 
-MOUNTINFO_V2 = """22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
-30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-"""
+MOUNTINFO_V2 = (
+    "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n"
+    "30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:4 - cgroup2 cgroup2 "
+    "rw,nsdelegate,memory_recursiveprot\n"
+)
 
 MOUNTS = """proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
 shm /dev/shm tmpfs rw,nosuid,nodev,noexec,relatime,size=65536k,inode64 0 0
@@ -101,9 +101,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 MakeHost = Callable[..., HostPaths]
 
 
-@pytest.fixture
-def make_host(tmp_path: Path) -> MakeHost:
-    """``make_host(drop=[...], **{"proc/sys/vm/swappiness": "10\\n"})`` -> HostPaths of a new tree."""
+def host_maker(tmp_path: Path) -> MakeHost:
+    """``make(drop=[...], **{"proc/sys/vm/swappiness": "10\\n"})`` -> HostPaths of a new tree
+    under ``tmp_path``: host0, host1, ..."""
     made = itertools.count()
 
     def make(drop: tuple[str, ...] | list[str] = (), **overrides: str) -> HostPaths:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hosttree import make_host, write_tree  # noqa: F401 (fixture)
+from hosttree import write_tree
 
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hosttree import make_host, snapshot, write_tree  # noqa: F401 (fixture)
+from hosttree import snapshot, write_tree
 
 from aitrain.fabric.host import rule_ids
 from aitrain.launcher import cli_host

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hosttree import make_host  # noqa: F401 (fixture)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hosttree import GiB, make_host, write_tree  # noqa: F401 (fixture)
+from hosttree import GiB, write_tree
 
 from aitrain.fabric.host.readers import (
     HostPaths,

@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hosttree import make_host, snapshot  # noqa: F401 (fixture)
+from hosttree import snapshot
 
 from aitrain.errors import FabricError
 from aitrain.fabric.host import apply_tune, check_host, plan_tune, revert
