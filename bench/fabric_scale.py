@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= total < TARGET_S
         print(f"target: 4096 hosts in < {TARGET_S:g} s: {total:.3f} s of CPU ({verdict})")
     sizes = sorted(per_host)
-    for small, large in zip(sizes, sizes[1:]):
+    for small, large in zip(sizes, sizes[1:], strict=False):
         growth = per_host[large] / per_host[small]
         linear = growth <= LINEAR_FACTOR
         ok &= linear

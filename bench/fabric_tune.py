@@ -164,14 +164,14 @@ def main() -> int:
         omp = tuned_env[n1.name].env.get("OMP_NUM_THREADS", "1")  # same threads: only the network differs
         naive = [netns_node(h.name, default_route_address(p), {"GLOO_SOCKET_IFNAME": naive_if,
                                                                 "OMP_NUM_THREADS": omp})
-                 for h, p in zip(rig.hosts, probes)]
+                 for h, p in zip(rig.hosts, probes, strict=True)]
         tuned = [netns_node(h.name, h.mgmt_ip) for h in rig.hosts]
         apply_tuned(tuned, tuned_env, probes)
         tuned_if = tuned_env[n1.name].interface
         report["naive_interface"], report["tuned_interface"] = naive_if, tuned_if
 
         if not args.skip_unset:
-            unset = [netns_node(h.name, default_route_address(p)) for h, p in zip(rig.hosts, probes)]
+            unset = [netns_node(h.name, default_route_address(p)) for h, p in zip(rig.hosts, probes, strict=True)]
             t0 = time.monotonic()
             bw, err = all_reduce_busbw(unset, "1M", 1, work / "unset", timeout=10)
             short = re.sub(r"\[/[^\]]*\]\s*", "", err.splitlines()[0]) if err else None

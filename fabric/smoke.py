@@ -103,7 +103,7 @@ def find_bad_nodes(
             if len(passed) != len(new):
                 raise ValueError(f"runner answered {len(passed)} results for {len(new)} groups")
             result.rounds.append(SmokeRound(groups=[list(g) for g in new], passed=passed))
-            known.update(zip((frozenset(g) for g in new), passed))
+            known.update(zip((frozenset(g) for g in new), passed, strict=True))
         return [known[frozenset(g)] for g in groups]
 
     if len(order) < 2:
@@ -153,7 +153,7 @@ def find_bad_nodes(
             tests = [(p, p) for p in pairs]
             pending = [x for x in pending if not any(x in p for p in pairs)]
         passed = run([g for g, _ in tests])
-        for (group, members), ok in zip(tests, passed):
+        for (group, members), ok in zip(tests, passed, strict=True):
             if ok:
                 good.update(group)
             else:

@@ -566,7 +566,7 @@ def pci_distance(a: PciDevice | None, b: PciDevice | None) -> str:
     if a.root and a.root == b.root:
         # upstream[0] is the root port; a common bridge below it means a shared switch.
         common = 0
-        for x, y in zip(a.upstream, b.upstream):
+        for x, y in zip(a.upstream, b.upstream, strict=False):
             if x != y:
                 break
             common += 1

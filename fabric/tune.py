@@ -728,7 +728,7 @@ def tune(
     choices = select_socket_interfaces(cluster, rendezvous, multi_host=multi_host)
     user = user_env_from(shell_env, user_env)
     result: dict[str, TunedEnv] = {}
-    for host, choice in zip(cluster.hosts, choices):
+    for host, choice in zip(cluster.hosts, choices, strict=True):
         out = TunedEnv(hostname=host.hostname)
         nccl = parse_version(host.host.nccl_version) or parse_version(nccl_version)
         _socket_rule(out, choice, host, opts)

@@ -154,7 +154,7 @@ class SlurmCluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
-        for h, node in zip(self.rig.hosts, self.node_names()):
+        for h, node in zip(self.rig.hosts, self.node_names(), strict=True):
             lines.append(f"NodeName={node} NodeAddr={h.mgmt_ip} NodeHostname={node} "
                          f"CPUs={self.cpus_per_node} RealMemory=2000 State=UNKNOWN")
         lines.append(f"PartitionName=debug Nodes={','.join(self.node_names())} Default=YES "
@@ -175,7 +175,7 @@ class SlurmCluster:
         log = open(self.root / "daemons.out", "ab")
         self.procs.append(subprocess.Popen(["slurmctld", "-D", "-c", "-f", str(self.conf)], env=env,
                                            stdout=log, stderr=log, start_new_session=True))
-        for h, node in zip(self.rig.hosts, self.node_names()):
+        for h, node in zip(self.rig.hosts, self.node_names(), strict=True):
             self.procs.append(subprocess.Popen(
                 h.nsenter() + ["slurmd", "-D", "-f", str(self.conf), "-N", node],
                 env=env, stdout=log, stderr=log, start_new_session=True))

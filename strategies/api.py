@@ -161,14 +161,14 @@ def forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
                               "make global batch / (data-parallel size x train.grad_accum) a multiple of "
                               "pp.microbatches")
         total: torch.Tensor | None = None
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=True):
             with _autocast(ctx):
                 loss = model.step(x, y, loss_fn, scale=1.0 / (grad_accum * micro))
             if loss is not None:
                 total = loss if total is None else total + loss
         return total
     acc = torch.zeros((), device=inputs.device)
-    for i, (x, y) in enumerate(zip(xs, ys)):
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         with _grad_sync(model, ctx, sync=i == grad_accum - 1):
             with _autocast(ctx):
                 out = model(x)

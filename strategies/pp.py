@@ -160,7 +160,7 @@ def build_pipeline(model: nn.Module, *, plan: ParallelPlan, pp_mesh: DeviceMesh,
     shells = [prepare(s) for s in shells]
     pm = PipelineModule(model, shells)
     group = pp_mesh.get_group()
-    pm.stages = [PipelineStage(shell, s, num_stages, device, group=group) for shell, s in zip(shells, ids)]
+    pm.stages = [PipelineStage(shell, s, num_stages, device, group=group) for shell, s in zip(shells, ids, strict=True)]
     pm.has_first = 0 in ids
     pm.has_last = num_stages - 1 in ids
     cls = get_schedule_class(options.pp_schedule)

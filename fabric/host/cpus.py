@@ -182,7 +182,7 @@ def _numa_split(
             continue
         result: list[list[int]] = [[] for _ in range(nranks)]
         for node, ranks in ranks_on.items():
-            for rank, share in zip(ranks, _even_split(nodes[node], len(ranks), siblings)):
+            for rank, share in zip(ranks, _even_split(nodes[node], len(ranks), siblings), strict=True):
                 result[rank] = share
         return result
     return None

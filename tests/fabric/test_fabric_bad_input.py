@@ -179,7 +179,7 @@ def test_fuzz_any_file_of_a_host_tree(fuzz_host, data):
                                   min_size=len(chosen), max_size=len(chosen)))
     saved = {rel: (root / rel).read_bytes() for rel in chosen}
     try:
-        for rel, content in zip(chosen, contents):
+        for rel, content in zip(chosen, contents, strict=True):
             (root / rel).write_bytes(content)
         topo = probe(root, rendezvous="192.168.1.7")
         check(topo, rendezvous="192.168.1.7", expected_rate_gbps=100)

@@ -37,7 +37,7 @@ def test_save_load_round_trip_restores_model_and_optimizer(tmp_path: Path) -> No
     other, other_opt = _model_and_opt(1)
     info = ckpt.load(path, other, other_opt)
     assert info["step"] == 7 and info["strategy"] == "none"
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
     for k in sa:

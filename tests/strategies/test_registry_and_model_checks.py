@@ -134,7 +134,7 @@ def test_forward_backward_accumulates_to_the_full_batch_gradient() -> None:
     want = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     loss = strategies.forward_backward(model, x, y, cross_entropy, grad_accum=4)
-    for p, g in zip(model.parameters(), want):
+    for p, g in zip(model.parameters(), want, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, cross_entropy(model(x), y).detach(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="train.grad_accum=3"):
@@ -150,5 +150,5 @@ def test_clip_grad_norm_matches_torch_on_a_plain_module() -> None:
     want = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
     got = strategies.clip_grad_norm_(b, 0.5)
     torch.testing.assert_close(got, want)
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad)
