@@ -46,7 +46,8 @@ def template_host() -> HostTopology:
     topo = HostTopology(hostname="template", routes_known=True)
     topo.host = HostInfo(
         kernel="6.1.0-18-amd64", cpus=224, cpulist="0-223", mem_total_kib=2_113_764_000,
-        numa_nodes=[NumaNode(id=0, cpulist="0-55,112-167", cpus=112), NumaNode(id=1, cpulist="56-111,168-223", cpus=112)],
+        numa_nodes=[NumaNode(id=0, cpulist="0-55,112-167", cpus=112),
+                    NumaNode(id=1, cpulist="56-111,168-223", cpus=112)],
         memlock=Limit(None, None), nofile=Limit(1048576, 1048576), shm_bytes=1 << 40, hypervisor="none",
         kernel_modules=["ib_core", "mlx5_ib", "nvidia", "nvidia_peermem"], nvidia_peermem=True, dmabuf=False,
         driver_version="550.54.15", torch_version="2.4.0+cu121", cuda_version="12.1", nccl_version="2.20.5",

@@ -197,7 +197,8 @@ def main() -> int:
         tuned_bw = statistics.median(tuned_samples) if tuned_samples else None
         raw_uni, raw_bi = statistics.median(uni), statistics.median(bi)
         report.update(naive_busbw_gbps=naive_bw, naive_error=naive_err or None, tuned_busbw_gbps=tuned_bw,
-                      tuned_error=tuned_err or None, tuned_samples=tuned_samples, raw_tcp_gbps=raw_uni, raw_tcp_samples=uni,
+                      tuned_error=tuned_err or None, tuned_samples=tuned_samples,
+                      raw_tcp_gbps=raw_uni, raw_tcp_samples=uni,
                       raw_tcp_bidir_per_direction_gbps=raw_bi, raw_tcp_bidir_samples=bi,
                       mgmt_rate=rig.mgmt_rate)
         speedup = tuned_bw / naive_bw if tuned_bw and naive_bw else None
@@ -232,7 +233,8 @@ def main() -> int:
     print(f"  tuned  ({report['tuned_interface']}, aitrain tune)    : {gb(report['tuned_busbw_gbps'])}  "
           f"samples {', '.join(f'{x:.3f}' for x in tuned_samples)}"
           + (f"  ({report['tuned_error']})" if report.get("tuned_error") else ""))
-    print(f"raw TCP over {report['tuned_interface']} between the same namespaces (median, interleaved with the tuned runs):")
+    print(f"raw TCP over {report['tuned_interface']} between the same namespaces "
+          "(median, interleaved with the tuned runs):")
     print(f"  one stream, one direction        : {gb(report['raw_tcp_gbps'])}  "
           f"samples {', '.join(f'{x:.3f}' for x in uni)}")
     print(f"  both directions at once (each)   : {gb(report['raw_tcp_bidir_per_direction_gbps'])}  "

@@ -42,8 +42,9 @@ def main() -> None:
     out = open(a.out, "w") if rank == 0 else None
     for step in range(a.steps):
         t0 = time.perf_counter()
+        progress = min((step - a.warmup_steps) / max(a.steps - a.warmup_steps, 1), 1.0)
         lr = a.lr * (step + 1) / a.warmup_steps if step < a.warmup_steps else \
-            a.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min((step - a.warmup_steps) / max(a.steps - a.warmup_steps, 1), 1.0))))
+            a.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = data.local_batch(step, a.batch, rank, world)

@@ -134,7 +134,8 @@ def main() -> int:
                             else run_plain(args, work, f"r{r}-plain"))
             ratio = got["aitrain"]["best"] / got["plain"]["best"]
             results["ddp_vs_plain"].append({"aitrain": got["aitrain"], "plain": got["plain"], "ratio": ratio})
-            print(f"  round {r + 1}: aitrain {got['aitrain']['best']:,.0f} tokens/s (median {got['aitrain']['median']:,.0f}),"
+            print(f"  round {r + 1}: aitrain {got['aitrain']['best']:,.0f} tokens/s "
+                  f"(median {got['aitrain']['median']:,.0f}),"
                   f" plain {got['plain']['best']:,.0f} (median {got['plain']['median']:,.0f}), ratio {ratio:.3f}",
                   flush=True)
     results["loadavg_end"] = os.getloadavg()

@@ -295,7 +295,8 @@ def check_result(collective: str, send: Any, recv: Any, n: int, rank: int) -> bo
     if collective == "reduce_scatter":  # sum over ranks of (rank+1)*(my_rank+1)
         return bool((recv == (rank + 1) * n * (n + 1) / 2).all())
     if collective == "all_to_all":  # chunk j came from rank j: j*n + my_rank
-        expect = (torch.arange(n, dtype=torch.float32, device=recv.device) * n + rank).repeat_interleave(recv.numel() // n)
+        sources = torch.arange(n, dtype=torch.float32, device=recv.device)
+        expect = (sources * n + rank).repeat_interleave(recv.numel() // n)
         return bool(torch.equal(recv, expect))
     if collective == "sendrecv":
         return bool((recv == float((rank - 1) % n + 1)).all())

@@ -69,7 +69,8 @@ class BisectResult:
 
     def to_dict(self) -> dict[str, object]:
         return {"nodes": self.nodes, "bad": self.bad, "suspects": self.suspects, "good": self.good,
-                "flaky": self.flaky, "unexplained": self.unexplained, "rounds": [{"groups": r.groups, "passed": r.passed} for r in self.rounds]}
+                "flaky": self.flaky, "unexplained": self.unexplained,
+                "rounds": [{"groups": r.groups, "passed": r.passed} for r in self.rounds]}
 
 
 def _halves(group: list[str]) -> list[list[str]]:

@@ -54,7 +54,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def read_nvml_gpus(sys: Root, warnings: list[ProbeWarning], nvml: ModuleType | None = None) -> tuple[list[Gpu], str | None] | None:
+def read_nvml_gpus(
+    sys: Root, warnings: list[ProbeWarning], nvml: ModuleType | None = None
+) -> tuple[list[Gpu], str | None] | None:
     """(GPUs, driver version) from NVML, or None when NVML is missing or has no driver."""
     nvml = nvml if nvml is not None else load_nvml()
     if nvml is None:

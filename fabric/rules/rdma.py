@@ -134,7 +134,8 @@ def roce_gids(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
             yield view.finding(
                 "roce-gid-table-unknown", I, s,
                 f"the GID table of RoCE port {s} was not readable, so its RoCE v2 GIDs were not checked",
-                f"run the probe on the live host, or check `ls /sys/class/infiniband/{dev.name}/ports/{port.port}/gids`",
+                "run the probe on the live host, or check "
+                f"`ls /sys/class/infiniband/{dev.name}/ports/{port.port}/gids`",
             )
             continue
         v2 = [g for g in port.gids if g.type == GID_TYPE_ROCE_V2 and not g.is_zero]

@@ -171,7 +171,8 @@ def test_unknown_state_is_not_an_error():
 
 
 def test_active_port_in_link_error_recovery():
-    topo = _host(devices=[RdmaDevice(name="mlx5_0", ports=[RdmaPort(port=1, state="ACTIVE", phys_state="LinkErrorRecovery")])])
+    port = RdmaPort(port=1, state="ACTIVE", phys_state="LinkErrorRecovery")
+    topo = _host(devices=[RdmaDevice(name="mlx5_0", ports=[port])])
     assert "rdma-port-not-linkup" in ids(check(topo), "error")
 
 
@@ -211,10 +212,13 @@ def test_roce_gid_table_unknown_is_info():
     assert (f.id, f.severity) == ("roce-gid-table-unknown", Severity.INFO)
 
 
-@pytest.mark.parametrize("soft, severity", [(64 * 1024, "error"), (8 << 20, "error"), (1 << 30, "warning"), (None, None)])
+@pytest.mark.parametrize("soft, severity",
+                         [(64 * 1024, "error"), (8 << 20, "error"), (1 << 30, "warning"), (None, None)])
 def test_memlock_thresholds(soft, severity):
-    dev = RdmaDevice(name="m", ports=[RdmaPort(port=1, state="ACTIVE", phys_state="LinkUp", link_layer="InfiniBand")])
-    findings = [f for f in check(_host(devices=[dev], memlock=Limit(soft=soft, hard=soft))) if f.id == "memlock-limit-low"]
+    dev = RdmaDevice(name="m", ports=[RdmaPort(port=1, state="ACTIVE", phys_state="LinkUp",
+                                               link_layer="InfiniBand")])
+    topo = _host(devices=[dev], memlock=Limit(soft=soft, hard=soft))
+    findings = [f for f in check(topo) if f.id == "memlock-limit-low"]
     assert [f.severity.value for f in findings] == ([severity] if severity else [])
 
 

@@ -24,7 +24,8 @@ def test_probe_json_schema_of_a_captured_host(hosts_dir):
     assert {"name", "ports"} <= dev.keys()
     port = dev["ports"][0]
     assert {"port", "state", "link_layer", "rate_gbps", "active_mtu", "gids"} <= port.keys()
-    assert (port["state"], port["link_layer"], port["rate_gbps"], port["active_mtu"]) == ("ACTIVE", "Ethernet", 100.0, 4096)
+    assert (port["state"], port["link_layer"], port["rate_gbps"], port["active_mtu"]) == \
+        ("ACTIVE", "Ethernet", 100.0, 4096)
     gid = port["gids"][-1]
     assert set(gid) == {"index", "gid", "type", "netdev"} and gid["type"] == "RoCE v2" and gid["netdev"] == "ens1f0np0"
 

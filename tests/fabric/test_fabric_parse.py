@@ -245,7 +245,8 @@ def test_modules():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n", ("535.104.05", False)),
+    ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n",
+     ("535.104.05", False)),
     ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.15  Release Build\n", ("550.54.15", True)),
 ])
 def test_nvidia_driver(text, expected):

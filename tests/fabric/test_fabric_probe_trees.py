@@ -18,7 +18,8 @@ def test_dgx_inventory(dgx):
     assert len(dgx.gpus) == 8 and all(g.vendor == "nvidia" and g.source == "sysfs" for g in dgx.gpus)
     assert len(dgx.rdma_devices) == 8
     for dev, port in dgx.rdma_ports():
-        assert (port.state, port.phys_state, port.rate_gbps, port.link_layer) == ("ACTIVE", "LinkUp", 400.0, "InfiniBand")
+        assert (port.state, port.phys_state, port.rate_gbps, port.link_layer) == \
+            ("ACTIVE", "LinkUp", 400.0, "InfiniBand")
         assert dev.pci_address and dev.numa_node in (0, 1)
         assert port.gids_known and port.gids[0].type == "IB/RoCE v1" and port.gids[0].is_link_local
         assert port.active_mtu is None  # sysfs has no IB active MTU

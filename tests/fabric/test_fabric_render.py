@@ -44,7 +44,8 @@ def test_render_findings_and_summary():
                         message="down", hint="plug it"),
                 Finding(id="rdma-none", severity=Severity.INFO, host="n2", subject="rdma", message="none")]
     text = render_findings(findings, 2, Style(False))
-    assert "ERROR" in text and "hint: plug it" in text and text.endswith("1 error(s), 0 warning(s), 1 info on 2 host(s)")
+    assert "ERROR" in text and "hint: plug it" in text and \
+        text.endswith("1 error(s), 0 warning(s), 1 info on 2 host(s)")
     assert "\033[31mERROR" in render_findings(findings, 2, Style(True))
 
 

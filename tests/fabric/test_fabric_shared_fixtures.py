@@ -87,7 +87,8 @@ def test_gcm_good_host(gcm):
     topo = gcm["learn_good"]
     assert len(topo.rdma_devices) == 8
     for dev, port in topo.rdma_ports():
-        assert (port.state, port.phys_state, port.rate_gbps, port.link_layer) == ("ACTIVE", "LinkUp", 200.0, "InfiniBand")
+        assert (port.state, port.phys_state, port.rate_gbps, port.link_layer) == \
+            ("ACTIVE", "LinkUp", 200.0, "InfiniBand")
         assert dev.fw_ver == "20.31.2354"
         assert dev.pci_address and port.netdev and port.netdev.startswith("ib")
     assert {n.name for n in topo.nics} == {f"ib{i}" for i in range(8)}
@@ -257,7 +258,8 @@ def test_ibstatus(shared):
 
 def test_stelline_ibv_devinfo(shared):
     (dev,) = parse_ibv_devinfo((shared / "stelline/ibv_devinfo.txt").read_text())
-    assert (dev.name, dev.fw_ver, dev.hca_type, dev.node_guid) == ("mlx5_1", "28.43.2566", "MT4129", "b8e9:2403:004e:de81")
+    assert (dev.name, dev.fw_ver, dev.hca_type, dev.node_guid) == \
+        ("mlx5_1", "28.43.2566", "MT4129", "b8e9:2403:004e:de81")
     (port,) = dev.ports
     assert (port.state, port.active_mtu, port.max_mtu, port.link_layer) == ("ACTIVE", 4096, 4096, "Ethernet")
 

@@ -87,7 +87,8 @@ def _width_speed(rate: float) -> tuple[int, int]:
 
 class FakeGidEntry:
     def __init__(self, port: int, index: int, gid: str, gtype: str):
-        self.port_num, self.gid_index, self._gid, self.gid_type, self.ndev_ifindex = port, index, gid, GID_CODES[gtype], 0
+        self.port_num, self.gid_index, self._gid = port, index, gid
+        self.gid_type, self.ndev_ifindex = GID_CODES[gtype], 0
 
     def gid_str(self) -> str:
         return self._gid

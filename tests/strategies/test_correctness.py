@@ -29,7 +29,8 @@ def assert_matches_reference(losses: list[float], n_layer: int = 2) -> None:
     ref = reference_losses(n_layer)
     assert len(losses) == len(ref) == 10
     assert losses == pytest.approx(list(ref), rel=RTOL, abs=ATOL), \
-        "\n".join(f"step {i + 1}: got {a:.7f} reference {b:.7f}" for i, (a, b) in enumerate(zip(losses, ref, strict=True)))
+        "\n".join(f"step {i + 1}: got {a:.7f} reference {b:.7f}"
+                  for i, (a, b) in enumerate(zip(losses, ref, strict=True)))
     assert ref[-1] < ref[0]  # it trains
 
 

@@ -30,7 +30,8 @@ def _fails_before_start(tmp_path: Path, *args: str) -> str:
      r"parallel degrees dp_replicate=1, dp_shard=3, tp=1, pp=1 multiply to 3, but the world size is 4"),
     (["+strategy=ddp", "nproc_per_node=2", "parallel.tp=2", "parallel.dp_replicate=1"],
      r"strategy ddp needs parallel.tp=1, but the job has parallel.tp=2"),
-    (["strategy.name=nope"], r"unknown strategy 'nope'. Known strategies: ddp, fsdp, fsdp_tp, fsdp_tp_pp, hsdp, pp, tp"),
+    (["strategy.name=nope"],
+     r"unknown strategy 'nope'. Known strategies: ddp, fsdp, fsdp_tp, fsdp_tp_pp, hsdp, pp, tp"),
     (["+strategy=tp", "nproc_per_node=3"],
      r"tensor parallelism cannot shard module 'layers.0.attention': its 4 heads do not split evenly over tp=3"),
     (["+strategy=pp", "nproc_per_node=4"],
@@ -46,7 +47,8 @@ def test_bad_input_fails_before_any_process_starts(tmp_path: Path, args: list[st
 @pytest.mark.slow
 def test_user_script_gets_the_launched_strategy(tmp_path: Path) -> None:
     losses = {}
-    expected_plan = {"pp": "(dp_replicate=1, dp_shard=1, tp=1, pp=2)", "fsdp_tp": "(dp_replicate=1, dp_shard=1, tp=2, pp=1)"}
+    expected_plan = {"pp": "(dp_replicate=1, dp_shard=1, tp=1, pp=2)",
+                     "fsdp_tp": "(dp_replicate=1, dp_shard=1, tp=2, pp=1)"}
     for strategy, extra in [("pp", ["pp.microbatches=2"]), ("fsdp_tp", [])]:
         out_dir = tmp_path / strategy
         r = run_aitrain(["launch", f"+strategy={strategy}", "nproc_per_node=2", "tracking=none", "fabric=off",
