@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import sys
 import time
+from collections.abc import Callable
 
 from aitrain.fabric import check
 from aitrain.fabric.topology import (
@@ -115,7 +117,7 @@ def baseline_pass(hosts: list[HostTopology]) -> int:
     return n
 
 
-def best_of(fn, reps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+def best_of(fn: Callable[[], object], reps: int) -> tuple[float, float]:
     """(best CPU seconds, best wall seconds). CPU time is what the verdicts use: on a
     shared machine wall time also counts the time other processes held the CPU."""
     cpu = wall = float("inf")
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = dict(expected_rate_gbps=400, rendezvous="10.0.0.2")
         findings = check(hosts, **kwargs)  # warm-up, and the count to report
         reps = args.reps or max(3, min(20, 4096 // n))  # small sizes are noisy: more tries
-        seconds, wall = best_of(lambda: check(hosts, **kwargs), reps)
-        base, _ = best_of(lambda: baseline_pass(hosts), reps)
+        seconds, wall = best_of(functools.partial(check, hosts, **kwargs), reps)
+        base, _ = best_of(functools.partial(baseline_pass, hosts), reps)
         per_host[n] = seconds / n
         print(f"{n:>6}  {seconds:>8.3f}  {wall:>8.3f}  {seconds / n * 1e6:>8.1f}  {len(findings):>8}  "
               f"{seconds / max(base, 1e-9):>10.0f}")

@@ -34,7 +34,7 @@ class ParallelPlan:
                 "set all but one of them; -1 means \"whatever is left of the world size\"",
             )
         fixed = 1
-        for n, d in degrees.items():
+        for d in degrees.values():
             if d != -1:
                 fixed *= d
         if free:

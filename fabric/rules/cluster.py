@@ -15,7 +15,7 @@ from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.rules import CheckOptions, HostView
 from aitrain.fabric.topology import LINK_LAYER_ETHERNET, LINK_LAYER_IB
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+E, W = Severity.ERROR, Severity.WARNING
 K = TypeVar("K", bound=Hashable)
 
 EXAMPLES = 3

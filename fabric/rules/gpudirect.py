@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.rules import CheckOptions, HostView, fmt_bytes
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+E, W = Severity.ERROR, Severity.WARNING
 
 
 def gpudirect(view: HostView, opts: CheckOptions) -> Iterable[Finding]:

@@ -8,7 +8,7 @@ from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.rules import CheckOptions, HostView
 from aitrain.fabric.topology import lookup_route
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+E, W, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 
 VIRTUAL_KINDS = ("docker", "veth", "tun")
 
@@ -31,7 +31,7 @@ def rendezvous(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
     if lookup.interface is None:
         if not topo.routes_known and lookup.method == "procfs":
             yield view.finding(
-                "rendezvous-route-unknown", I, address,
+                "rendezvous-route-unknown", INFO, address,
                 f"no routing table for {view.host} (no /proc/net/route in the probe), so "
                 f"reaching {address} was not checked",
                 "probe with --proc-root pointing at the host's /proc to check routes",

@@ -8,7 +8,7 @@ from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.probe.pci import ACS_P2P_REDIRECT, effective_max
 from aitrain.fabric.rules import CheckOptions, HostView
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+E, W, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 
 
 def _name(view: HostView, address: str) -> str:
@@ -36,7 +36,7 @@ def link_degraded(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
         if dev.current_speed_gts is not None and max_speed is not None and dev.current_speed_gts < max_speed:
             idle_gpu = dev.role == "gpu"
             yield view.finding(
-                "pcie-link-speed-degraded", I if idle_gpu else W, name,
+                "pcie-link-speed-degraded", INFO if idle_gpu else W, name,
                 f"PCIe link of {where} runs at {dev.current_speed_gts:g} GT/s; it can do "
                 f"{max_speed:g} GT/s"
                 + (" (GPUs drop link speed when idle, so this may be power saving)" if idle_gpu else ""),

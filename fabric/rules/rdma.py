@@ -10,7 +10,7 @@ from aitrain.fabric.probe.infiniband import netdev_mtu_for_roce, roce_mtu_for_ne
 from aitrain.fabric.rules import CheckOptions, HostView, fmt_rate
 from aitrain.fabric.topology import GID_TYPE_ROCE_V2, RdmaDevice, RdmaPort
 
-E, W, I = Severity.ERROR, Severity.WARNING, Severity.INFO
+E, W, INFO = Severity.ERROR, Severity.WARNING, Severity.INFO
 
 
 def subject(dev: RdmaDevice, port: RdmaPort) -> str:
@@ -20,7 +20,7 @@ def subject(dev: RdmaDevice, port: RdmaPort) -> str:
 def no_rdma(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
     if not view.topo.rdma_devices:
         yield view.finding(
-            "rdma-none", I, "rdma",
+            "rdma-none", INFO, "rdma",
             "no RDMA devices (nothing in /sys/class/infiniband): collectives between hosts "
             "will use TCP sockets",
             "fine on a single host or for small jobs; for multi-node GPU training load the "
@@ -132,7 +132,7 @@ def roce_gids(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
         netdev = port.netdev or "<netdev>"
         if not port.gids_known:
             yield view.finding(
-                "roce-gid-table-unknown", I, s,
+                "roce-gid-table-unknown", INFO, s,
                 f"the GID table of RoCE port {s} was not readable, so its RoCE v2 GIDs were not checked",
                 "run the probe on the live host, or check "
                 f"`ls /sys/class/infiniband/{dev.name}/ports/{port.port}/gids`",
@@ -181,7 +181,7 @@ def roce_mtu(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
             )
         elif netdev_mtu is not None:
             yield view.finding(
-                "roce-mtu-limited-by-netdev", I, s,
+                "roce-mtu-limited-by-netdev", INFO, s,
                 f"RoCE port {s} runs with active MTU {port.active_mtu} because netdev "
                 f"{port.netdev} has MTU {netdev_mtu} (RoCE MTU {roce_mtu_for_netdev(netdev_mtu)})",
                 f"if the switches allow jumbo frames, `ip link set {port.netdev} mtu 9000` "
