@@ -20,23 +20,46 @@ BindMode = Literal["numa", "core", "none"]
 BIND_MODES: tuple[str, ...] = ("numa", "core", "none")
 
 
+# One element of a cpulist: N or N-M, maybe with the kernel's ":used/group" stride suffix.
+_CPULIST_ELEMENT = re.compile(r"(\d+)(?:-(\d+))?(?::\d+/\d+)?")
+# Far above any machine's CPU count; bounds the work a garbage range can cause.
+_CPULIST_MAX_SPAN = 1 << 16
+
+
 def parse_cpulist(text: str) -> list[int]:
-    """``"0-3,8,10-11"`` -> ``[0, 1, 2, 3, 8, 10, 11]`` (the kernel's cpulist format)."""
+    """``"0-3,8,10-11"`` -> ``[0, 1, 2, 3, 8, 10, 11]`` (the kernel's cpulist format); empty -> [].
+
+    The one cpulist parser of aitrain (the probe's readers use it through
+    ``aitrain.fabric.probe.parse.parse_cpulist``, which raises ``ValueError`` instead).
+    The result is sorted, without repeats. A ``:used/group`` stride suffix (``0-3:2/4``)
+    is accepted and ignored: sysfs never prints one. An element that is not ``N`` or
+    ``N-M`` with ``M >= N`` (an empty one included) raises :class:`FabricError`.
+    """
     cpus: set[int] = set()
-    for part in text.strip().split(","):
+    stripped = text.strip()
+    if not stripped:
+        return []
+    for part in stripped.split(","):
         part = part.strip()
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
+        m = _CPULIST_ELEMENT.fullmatch(part)
         try:
-            start = int(lo)
-            stop = int(hi) if sep else start
-        except ValueError as e:
-            raise FabricError(
-                f"cannot parse CPU list {text.strip()!r}: {part!r} is not N or N-M",
-                "a cpulist looks like 0-3,8,10-11 (the format of /sys/devices/system/cpu/online)",
-            ) from e
-        cpus.update(range(start, stop + 1))
+            lo = int(m.group(1)) if m else None
+            hi = int(m.group(2)) if m and m.group(2) else lo
+        except ValueError:  # more digits than int() converts
+            lo = hi = None
+        if lo is None or hi is None:
+            problem = f"{part!r} is not N or N-M"
+        elif hi < lo:
+            problem = f"{part!r} is a range that runs backwards"
+        elif hi - lo > _CPULIST_MAX_SPAN:
+            problem = f"{part!r} spans more than {_CPULIST_MAX_SPAN} CPUs"
+        else:
+            cpus.update(range(lo, hi + 1))
+            continue
+        raise FabricError(
+            f"cannot parse CPU list {stripped!r}: {problem}",
+            "a cpulist looks like 0-3,8,10-11 (the format of /sys/devices/system/cpu/online)",
+        )
     return sorted(cpus)
 
 

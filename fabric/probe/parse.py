@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from aitrain.errors import FabricError
+from aitrain.fabric.host import cpus as host_cpus
 from aitrain.fabric.topology import (
     GID_TYPE_IB_ROCE_V1,
     GID_TYPE_ROCE_V2,
@@ -201,22 +203,14 @@ def parse_pci_width(text: str) -> int | None:
 
 
 def parse_cpulist(text: str) -> list[int]:
-    """``0-3,8-11`` -> [0, 1, 2, 3, 8, 9, 10, 11]; empty -> []."""
-    cpus: list[int] = []
-    text = text.strip()
-    if not text:
-        return cpus
-    for part in text.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::\d+/\d+)?", part)
-        if not m:
-            raise ValueError(f"bad cpulist element {part!r}")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) else lo
-        if hi < lo or hi - lo > 1 << 16:
-            raise ValueError(f"bad cpulist range {part!r}")
-        cpus.extend(range(lo, hi + 1))
-    return cpus
+    """``0-3,8-11`` -> [0, 1, 2, 3, 8, 9, 10, 11]; empty -> [].
+
+    :func:`aitrain.fabric.host.cpus.parse_cpulist`, raising ``ValueError`` (what
+    ``Root.parse`` turns into a warning) where that raises :class:`FabricError`."""
+    try:
+        return host_cpus.parse_cpulist(text)
+    except FabricError as e:
+        raise ValueError(e.message) from None
 
 
 def parse_bdf(text: str) -> str:
