@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aitrain.errors import FabricError
+
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "sendrecv")
 ELEMENT_BYTES = 4  # float32
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -185,8 +187,15 @@ def render_table(result: BenchResult) -> str:
 
 
 def plot_busbw(results: Sequence[BenchResult], path: str) -> str:
-    """A PNG of busbw vs size, one line per (result, collective)."""
-    import matplotlib
+    """A PNG of busbw vs size, one line per (result, collective).
+
+    Needs matplotlib, an optional extra (``aitrain[plot]``): without it this raises
+    :class:`FabricError` saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise FabricError("--plot needs matplotlib, which is not installed",
+                          "pip install 'aitrain[plot]' (or matplotlib) into aitrain's environment") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
+from aitrain.errors import FabricError
 from aitrain.fabric.bench import (
     COLLECTIVES,
     BenchResult,
@@ -82,6 +84,15 @@ def test_table_and_json_round_trip():
 def test_plot_writes_a_png(tmp_path):
     path = plot_busbw([sample_result()], str(tmp_path / "busbw.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(FabricError) as info:
+        plot_busbw([sample_result()], str(tmp_path / "busbw.png"))
+    assert info.value.message == "--plot needs matplotlib, which is not installed"
+    assert info.value.hint == "pip install 'aitrain[plot]' (or matplotlib) into aitrain's environment"
+    assert not (tmp_path / "busbw.png").exists()
 
 
 def test_every_collective_has_a_factor():
