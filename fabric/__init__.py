@@ -62,7 +62,7 @@ class _CallableProbePackage(type(probe)):  # type: ignore[misc]
     Binding the function to the package's name would hide the package from
     ``import aitrain.fabric.probe.verbs as v``; calling the package keeps both."""
 
-    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __call__(self, *args: object, **kwargs: object) -> HostTopology:
         return self.probe(*args, **kwargs)
 
     __call__.__doc__ = probe.probe.__doc__
@@ -77,7 +77,7 @@ class _CallableTuneModule(type(tune)):  # type: ignore[misc]
     """``aitrain.fabric.tune(cluster, ...)`` is ``aitrain.fabric.tune.tune``; the module
     (``from aitrain.fabric.tune import TuneOptions``) stays what it is."""
 
-    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __call__(self, *args: object, **kwargs: object) -> dict[str, tune.TunedEnv]:
         return self.tune(*args, **kwargs)
 
     __call__.__doc__ = tune.tune.__doc__

@@ -254,19 +254,19 @@ def select_socket_interfaces(
     node0 = hosts[i0]
     peers = [h for i, h in enumerate(hosts) if i != i0]
     candidates = usable_socket_nics(node0)
-    out: list[SocketChoice | None] = [None] * len(hosts)
 
     if not peers:
         return [_single_view_choice(node0, candidates, rendezvous)]
 
-    scored = []
+    scored: list[tuple[tuple[int, int, int, int, str], Nic, str, list[Nic]]] = []
     for nic in candidates:
         target = primary_address(nic)
         assert target is not None
-        chosen = [peer_interface(p, target, node0, nic.name) for p in peers]
-        if any(c is None for c in chosen):
+        reached = [peer_interface(p, target, node0, nic.name) for p in peers]
+        chosen = [c for c in reached if c is not None]
+        if len(chosen) < len(reached):
             continue
-        every = [nic, *chosen]  # type: ignore[list-item]
+        every = [nic, *chosen]
         key = (max(_VIRTUAL_RANK.get(n.kind, 1) for n in every),
                -min(n.speed_mbps or 0 for n in every),
                -min(n.mtu or 0 for n in every),
@@ -274,29 +274,31 @@ def select_socket_interfaces(
                nic.name)
         scored.append((key, nic, target, chosen))
     if not scored:
-        nic = candidates[0] if candidates else None
-        for i, h in enumerate(hosts):
-            pick = nic if h is node0 else (usable_socket_nics(h) or [None])[0]
-            out[i] = SocketChoice(pick.name if pick else None, primary_address(pick) if pick else None,
-                                  "no interface of node 0 is reached (and routed back) by every "
-                                  "peer: best-ranked usable interface, unverified")
-        return out  # type: ignore[return-value]
+        first = candidates[0] if candidates else None
+        out: list[SocketChoice] = []
+        for h in hosts:
+            pick = first if h is node0 else next(iter(usable_socket_nics(h)), None)
+            out.append(SocketChoice(pick.name if pick else None, primary_address(pick) if pick else None,
+                                    "no interface of node 0 is reached (and routed back) by every "
+                                    "peer: best-ranked usable interface, unverified"))
+        return out
     scored.sort(key=lambda s: s[0])
     _, nic, target, chosen = scored[0]
     others = [s[1].name for s in scored[1:]]
     alt = f"; also reach every peer: {', '.join(others)}" if others else ""
-    out[i0] = SocketChoice(nic.name, target,
-                           f"node 0 ({node0.hostname}): {describe_nic(nic)} reaches every peer and "
-                           f"is the best-ranked network (physical > virtual, then speed, then MTU){alt}")
+    out = []
     peer_iter = iter(chosen)
     for i, h in enumerate(hosts):
         if i == i0:
+            out.append(SocketChoice(nic.name, target,
+                                    f"node 0 ({node0.hostname}): {describe_nic(nic)} reaches every peer and "
+                                    f"is the best-ranked network (physical > virtual, then speed, then MTU){alt}"))
             continue
         p = next(peer_iter)
-        out[i] = SocketChoice(p.name, primary_address(p),
-                              f"{describe_nic(p)} is the interface {h.hostname} routes to node 0's "
-                              f"{target} ({node0.hostname}/{nic.name})")
-    return out  # type: ignore[return-value]
+        out.append(SocketChoice(p.name, primary_address(p),
+                                f"{describe_nic(p)} is the interface {h.hostname} routes to node 0's "
+                                f"{target} ({node0.hostname}/{nic.name})"))
+    return out
 
 
 def _single_view_choice(host: HostTopology, candidates: list[Nic], rendezvous: str | None) -> SocketChoice:
@@ -647,7 +649,7 @@ def _apply_user(out: TunedEnv, user: Mapping[str, tuple[str, str]]) -> None:
             else:
                 value = ("=" + ",".join(names)) if mine.startswith("NCCL") else ",".join(names)
                 out.set(mine, value, f"follows the user-set {theirs}")
-            out.interface = (names or [None])[0]
+            out.interface = names[0] if names else None
 
 
 def _plain_ifnames(value: str) -> list[str] | None:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TypeGuard
 
 from aitrain.errors import FabricError
 
@@ -25,7 +26,7 @@ _CLASS_ENTRY = re.compile(r"^(sys/bus/pci/devices/[^/]+)/(infiniband|net)/([^/]+
 _PROC_PREFIX = "proc/"
 
 
-def looks_like_path_map(data: object) -> bool:
+def looks_like_path_map(data: object) -> TypeGuard[dict[str, object]]:
     return isinstance(data, dict) and bool(data) and all(
         isinstance(k, str) and k.startswith(("/sys/", "/proc/", "sys/", "proc/")) for k in data
     )
@@ -42,7 +43,7 @@ def load_path_map(path: str | os.PathLike[str]) -> dict[str, str]:
             f"{path} is not a path map: expected a JSON object whose keys are /sys/... paths",
             "pass a sysfs tree directory, a path-map JSON or `aitrain fabric probe --json` output",
         )
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}  # type: ignore[union-attr]
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in data.items()}
 
 
 def materialize(paths: dict[str, str], dest: str | os.PathLike[str]) -> Path:
@@ -66,7 +67,7 @@ def materialize(paths: dict[str, str], dest: str | os.PathLike[str]) -> Path:
             continue  # a path that is both a file and a directory in the map
         cm = _CLASS_ENTRY.match(rel)
         if cm:
-            entries.add(cm.groups())
+            entries.add((cm.group(1), cm.group(2), cm.group(3)))
     for function_dir, cls, name in sorted(entries):
         _link(dest / "sys" / "class" / cls / name, dest / function_dir / cls / name)
         _link(dest / function_dir / cls / name / "device", dest / function_dir)

@@ -10,10 +10,14 @@ part-way (``ibpanic: ...``) all parse to what is there; an unparseable line is s
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from aitrain.fabric.probe import parse
 from aitrain.fabric.probe.verbs import MTU_BYTES
 from aitrain.fabric.topology import Gid, RdmaDevice, RdmaPort
+
+T = TypeVar("T")
 
 _KV = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_ ]*?)\s*:\s*(.*?)\s*$")
 _GID_LINE = re.compile(r"^\s*GID\[\s*(\d+)\]\s*:\s*([0-9a-fA-F:.]+)\s*(?:,\s*(.+?))?\s*$")
@@ -27,7 +31,7 @@ def _mtu(text: str) -> int | None:
     return MTU_BYTES.get(int(m.group(1))) if m else None
 
 
-def _safe(fn, text: str):  # type: ignore[no-untyped-def]
+def _safe(fn: Callable[[str], T], text: str) -> T | None:
     try:
         return fn(text)
     except ValueError:

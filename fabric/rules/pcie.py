@@ -60,8 +60,8 @@ def acs_enabled(view: HostView, opts: CheckOptions) -> Iterable[Finding]:
     above: dict[str, list[str]] = {}
     for dev in topo.pci_devices:
         if dev.role in ("gpu", "nic"):
-            for bridge in dev.upstream:
-                above.setdefault(bridge, []).append(_name(view, dev.address))
+            for bridge_address in dev.upstream:
+                above.setdefault(bridge_address, []).append(_name(view, dev.address))
     for address, below in sorted(above.items()):
         bridge = view.pci.get(address)
         if bridge is None or bridge.acs_ctrl is None or not bridge.acs_ctrl & ACS_P2P_REDIRECT:
