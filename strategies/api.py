@@ -184,13 +184,12 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     ctx = context_of(model)
-    params = [p for p in model.parameters() if p.grad is not None]
+    param_grads = [g for g in (p.grad for p in model.parameters()) if g is not None]
     groups: dict[Any, list[torch.Tensor]] = {}
-    for p in params:
-        g = p.grad
+    for g in param_grads:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("local", g.device)
         groups.setdefault(key, []).append(g)
-    device = ctx.device if ctx is not None else (params[0].device if params else torch.device("cpu"))
+    device = ctx.device if ctx is not None else (param_grads[0].device if param_grads else torch.device("cpu"))
     sq = torch.zeros((), device=device, dtype=torch.float32)
     for grads in groups.values():
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
@@ -200,7 +199,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     if ctx is not None and ctx.plan.pp > 1:
         dist.all_reduce(sq, group=ctx.mesh["pp"].get_group())
     total = sq.sqrt()
-    if params and max_norm > 0 and math.isfinite(max_norm):
+    if param_grads and max_norm > 0 and math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for grads in groups.values():  # foreach ops can't mix DTensors (of different meshes) and tensors
             torch._foreach_mul_(grads, coef)

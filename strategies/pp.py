@@ -31,7 +31,8 @@ _FIRST = ("tok_embeddings", "pos_embeddings")
 _LAST = ("norm", "output")
 
 
-def _layer_keys(model: nn.Module) -> list[str]:
+def _layers(model: nn.Module) -> nn.ModuleDict:
+    """``model.layers``, the blocks the stages split; ConfigError when it is not an nn.ModuleDict."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleDict):
         raise ConfigError(
@@ -39,7 +40,11 @@ def _layer_keys(model: nn.Module) -> list[str]:
             "the model must be laid out torchtitan-style: tok_embeddings, layers (ModuleDict '0'..'n-1'), norm, "
             "output, and its forward must skip parts that are None",
         )
-    return list(layers.keys())
+    return layers
+
+
+def _layer_keys(model: nn.Module) -> list[str]:
+    return list(_layers(model).keys())
 
 
 def split_layers(keys: list[str], num_stages: int) -> list[list[str]]:
@@ -76,7 +81,8 @@ def cut_stage(model: nn.Module, keys: list[str], *, first: bool, last: bool) -> 
     stage._buffers = dict(model._buffers)
     for name, child in model._modules.items():
         if name == "layers":
-            stage._modules[name] = nn.ModuleDict({k: model.layers[k] for k in keys})
+            layers = _layers(model)
+            stage._modules[name] = nn.ModuleDict({k: layers[k] for k in keys})
         elif name in _FIRST:
             stage._modules[name] = child if first else None
         elif name in _LAST:
@@ -104,7 +110,7 @@ class PipelineModule(nn.Module):
         # registered (their parameters are these), so names match the unsplit model.
         layers = nn.ModuleDict()
         for m in stage_modules:
-            for k, block in m.layers.items():
+            for k, block in _layers(m).items():
                 layers[k] = block
         for name in model._modules:
             if name == "layers":

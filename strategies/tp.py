@@ -43,13 +43,18 @@ def _linear(parent: nn.Module, parent_name: str, child: str) -> nn.Linear:
     return m
 
 
-def check_tp_model(model: nn.Module, tp: int, *, sequence_parallel: bool = False,
-                   seq_len: int | None = None) -> None:
-    """Raise ConfigError naming the first module the built-in TP plan cannot shard, and why."""
+def _layers(model: nn.Module) -> nn.ModuleDict | nn.ModuleList:
+    """``model.layers``, the blocks TP shards; ConfigError when there is no such container."""
     layers = getattr(model, "layers", None)
     if not isinstance(layers, (nn.ModuleDict, nn.ModuleList)):
         raise tp_error("<root>", f"{type(model).__name__} has no 'layers' ModuleDict/ModuleList of blocks")
-    for name, block in layers.named_children():
+    return layers
+
+
+def check_tp_model(model: nn.Module, tp: int, *, sequence_parallel: bool = False,
+                   seq_len: int | None = None) -> None:
+    """Raise ConfigError naming the first module the built-in TP plan cannot shard, and why."""
+    for name, block in _layers(model).named_children():
         block = _unwrap(block)
         base = f"layers.{name}"
         attn = getattr(block, "attention", None)
@@ -100,7 +105,7 @@ def gpt_tp_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, Any]:
         plan["output"] = ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
                                          output_layouts=Replicate(), use_local_output=True)
     first = True
-    for name, block in model.layers.named_children():
+    for name, block in _layers(model).named_children():
         b = f"layers.{name}"
         if sp and getattr(model, "tok_embeddings", None) is not None and first:
             # The stage that embeds tokens shards the (replicated) sum of embeddings along the sequence.
