@@ -31,8 +31,8 @@ __all__ = [
 ]
 
 # Imported on first use: `import aitrain` stays free of ray, torch and hydra.
-_LAZY = {"submit": "aitrain.launcher.ray_submit", "attach": "aitrain.launcher.ray_submit",
-         "Job": "aitrain.launcher.ray_submit"}
+_LAZY = {"submit": "aitrain.launcher.submit", "attach": "aitrain.launcher.submit",
+         "Job": "aitrain.launcher.submit"}
 
 
 def __getattr__(name: str) -> object:

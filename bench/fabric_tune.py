@@ -47,13 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests" / "tune"))
 
-import netns_rig  # noqa: E402
-from rig_helpers import make_fast_dns_fail  # noqa: E402
-
 from aitrain.fabric.bench import BenchResult, parse_size  # noqa: E402
 from aitrain.fabric.tune import tune  # noqa: E402
-from aitrain.launcher.cli_fabric_bench import default_route_address  # noqa: E402
-from aitrain.launcher.fabric_nodes import apply_tuned, netns_node, probe_node, run_on_nodes  # noqa: E402
+from aitrain.launcher.cli.fabric import default_route_address  # noqa: E402
+from aitrain.launcher.nodes import apply_tuned, netns_node, probe_node, run_on_nodes  # noqa: E402
+
+import netns_rig  # noqa: E402
+from rig_helpers import make_fast_dns_fail  # noqa: E402
 
 _TCP = r"""
 import socket, sys, time

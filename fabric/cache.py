@@ -18,9 +18,10 @@ import importlib.metadata
 import json
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from aitrain import __version__
 from aitrain.errors import FabricError
@@ -106,6 +107,7 @@ class FabricCache:
 
     directory: Path = field(default_factory=default_cache_dir)
     max_age_s: float = DEFAULT_MAX_AGE_S
+    read_only: bool = False  # use what is cached, store nothing (a dry run writes nothing)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -125,6 +127,8 @@ class FabricCache:
             return None  # missing, unreadable or corrupt: probe again
 
     def _store(self, kind: str, key: str, data: Any) -> None:
+        if self.read_only:
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             path = self._path(kind, key)

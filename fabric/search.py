@@ -18,11 +18,15 @@ is a function, the CLI supplies one that runs real ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from aitrain.fabric.topology import Cluster
 from aitrain.fabric.tune import TunedEnv, uses_nccl
+
+if TYPE_CHECKING:
+    from aitrain.fabric.profiles import ProfileStore
 
 NOISE_MARGIN = 0.05  # a candidate must beat the best by 5% to replace it
 
@@ -100,7 +104,7 @@ def env_for(cluster: Cluster, tuned: dict[str, TunedEnv], setting: dict[str, str
     out = {h: dict(t.env) for h, t in tuned.items()}
     iface = setting.get("interface")
     if iface:
-        for host, name in zip(cluster.hosts, node_interfaces(cluster, iface, rendezvous)):
+        for host, name in zip(cluster.hosts, node_interfaces(cluster, iface, rendezvous), strict=True):
             user_set = tuned[host.hostname].user_set if host.hostname in tuned else []
             if name and not {"NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME"} & set(user_set):
                 out[host.hostname]["NCCL_SOCKET_IFNAME"] = f"={name}"
@@ -167,3 +171,54 @@ def coordinate_search(
                 best, result.best = got, setting
     result.best_busbw_gbps = best
     return result
+
+
+@dataclass
+class SearchRun:
+    """What ``aitrain fabric tune --search`` did: the trials and the stored winner."""
+
+    size: str
+    fingerprint: str
+    path: str
+    summary: str
+    trials: list[dict[str, object]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"size": self.size, "fingerprint": self.fingerprint, "path": self.path, "summary": self.summary,
+                "trials": self.trials}
+
+
+def search_and_store(
+    cluster: Cluster,
+    tuned: dict[str, TunedEnv],
+    measure_env: Callable[[dict[str, dict[str, str]]], float],
+    store: ProfileStore,
+    *,
+    size: str,
+    backend: str = "auto",
+    rendezvous: str | None = None,
+) -> SearchRun:
+    """The search over ``cluster`` from the derived env ``tuned``, the winner stored as a
+    profile in ``store`` (a :class:`~aitrain.fabric.profiles.ProfileStore`).
+
+    ``measure_env(env per host) -> busbw`` runs the bench with that env (the launcher runs
+    real ranks); a failed measurement raises, and the trial records the error."""
+    from aitrain.fabric.profiles import Profile, cluster_fingerprint
+
+    dims = dimensions(cluster, tuned, backend=backend, rendezvous=rendezvous)
+    node0 = next(iter(tuned.values()))
+    start: dict[str, str | None] = {"interface": node0.interface} if any(d.name == "interface" for d in dims) else {}
+
+    def measure(setting: dict[str, str | None]) -> float:
+        return measure_env(env_for(cluster, tuned, setting, rendezvous))
+
+    result = coordinate_search(dims, measure, start=start)
+    fingerprint = cluster_fingerprint(cluster)
+    gain = (result.best_busbw_gbps / result.baseline_busbw_gbps) if result.baseline_busbw_gbps else 0.0
+    summary = f"all_reduce {size} busbw {result.best_busbw_gbps:.3f} GB/s ({gain:.2f}x the derived setting)"
+    measurements: list[dict[str, object]] = [{"setting": t.setting, "busbw_gbps": t.busbw_gbps, "error": t.error}
+                                             for t in result.trials]
+    profile = Profile(fingerprint=fingerprint, env=result.env, interface=result.interface, summary=summary,
+                      measurements=measurements)
+    path = store.save(profile)
+    return SearchRun(size=size, fingerprint=fingerprint, path=str(path), summary=summary, trials=measurements)

@@ -20,10 +20,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aitrain.launcher.failures import (
+    NodeResult,
+    RankExit,
+    describe,
+    error_line,
+    exit_code_of,
+    exit_from_status,
+    root_cause_first,
+)
+from aitrain.launcher.util import write_atomic
+
+if TYPE_CHECKING:
+    from aitrain.launcher.backends.api import Outcome
 
 
 @dataclass
@@ -52,20 +65,32 @@ class AgentRequest:
         return json.dumps(asdict(self))
 
 
-@dataclass
-class AgentResult:
-    ok: bool
-    exit_code: int = 0
-    message: str = ""
-    hint: str = ""
-    failed_at: float | None = None  # when this node's first rank failed (orders root causes across nodes)
+class AgentResult(NodeResult):
+    """What the agent writes to ``result_file`` when its ranks have ended (one node's
+    :class:`~aitrain.launcher.failures.NodeResult`: ok, exit code, message, hint, and how
+    each rank ended)."""
 
     @classmethod
-    def read(cls, path: Path) -> "AgentResult | None":
+    def read(cls, path: Path) -> AgentResult | None:
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            d = json.loads(path.read_text())
+            res = cls.from_dict(d)
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
+        return cls(ok=res.ok, exit_code=res.exit_code, message=res.message, hint=res.hint, node=res.node,
+                   ranks=res.ranks, interrupted=res.interrupted)
+
+    def write(self, path: Path) -> None:
+        write_atomic(path, json.dumps(self.to_dict()))
+
+    def outcome(self) -> Outcome:
+        """The job's outcome when this is its only node."""
+        from aitrain.launcher.backends.api import JobState, Outcome
+
+        if self.ok:
+            return Outcome.succeeded()
+        state = JobState.CANCELLED if self.interrupted else JobState.FAILED
+        return Outcome(state, self.exit_code or 1, self.message, self.hint, tuple(self.ranks))
 
 
 def run_agent(req: AgentRequest) -> AgentResult:
@@ -74,12 +99,22 @@ def run_agent(req: AgentRequest) -> AgentResult:
 
     # Rank log files and console, system metrics and the hang watchdog of this node.
     with NodeServices(req) as services:
-        result = _run_elastic(req, services.logs_specs)
+        result = _run_elastic(req, services)
     hang = services.hang_result()  # the watchdog stopped the job: say so, not "interrupted by SIGTERM"
-    return AgentResult(False, *hang) if hang else result
+    if hang:
+        code, message, hint = hang
+        return AgentResult(False, code, message, hint, node=result.node, ranks=result.ranks)
+    return result
 
 
-def _run_elastic(req: AgentRequest, logs_specs: Any) -> AgentResult:
+def _node_name(req: AgentRequest) -> str:
+    """The job node's name in failure messages: set by multi-node backends, empty on one node."""
+    if req.nnodes <= 1 and not req.env.get("AITRAIN_NODE"):
+        return ""
+    return req.env.get("AITRAIN_NODE") or req.env.get("AITRAIN_NODE_NAME") or f"node{req.node_rank}"
+
+
+def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, launch_agent
@@ -89,6 +124,8 @@ def _run_elastic(req: AgentRequest, logs_specs: Any) -> AgentResult:
     Path(req.log_dir).mkdir(parents=True, exist_ok=True)
     from aitrain.launcher.resources import NodeResources
 
+    node_name = _node_name(req)
+    ranks = range(req.node_rank * req.nproc_per_node, (req.node_rank + 1) * req.nproc_per_node)
     # The job's cgroup exists before the first rank starts; ranks get their part of the plan in the env.
     node = NodeResources.start(req.resources, nproc=req.nproc_per_node, node_rank=req.node_rank)
     os.environ.update(node.rank_env())
@@ -104,85 +141,83 @@ def _run_elastic(req: AgentRequest, logs_specs: Any) -> AgentResult:
         monitor_interval=req.monitor_interval,
         start_method=req.start_method,
         log_line_prefix_template="[rank${rank}]:",
-        logs_specs=logs_specs,
+        logs_specs=services.logs_specs,
         local_addr=req.master_addr if req.nnodes == 1 else None,
         shutdown_timeout=req.shutdown_timeout,
     )
     try:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
-        return AgentResult(False, 1, describe_failures(e, Path(req.log_dir), *node.oom_ranks(e.failures)),
-                           f"each rank's full output is under {req.log_dir}", _first_failure_time(e))
+        exits = rank_exits(e.failures, ranks, services, node_name, *node.oom_ranks(e.failures))
+        return AgentResult(False, exit_code_of(exits), describe(exits),
+                           f"each rank's full output is under {req.log_dir}", node=node_name, ranks=exits)
     except SignalException as e:
         sig = signal.Signals(e.sigval)
-        return AgentResult(False, 128 + int(e.sigval), f"interrupted by {sig.name}; all ranks were stopped")
+        exits = [RankExit(r, node=node_name, signal=sig.name, stopped=True) for r in ranks]
+        return AgentResult(False, 128 + int(e.sigval), f"interrupted by {sig.name}; all ranks were stopped",
+                           node=node_name, ranks=exits, interrupted=True)
     except Exception as e:  # rendezvous or agent failure
         return AgentResult(False, 1, f"the elastic agent failed: {type(e).__name__}: {e}",
-                           f"see the rank logs under {req.log_dir}")
+                           f"see the rank logs under {req.log_dir}", node=node_name)
     finally:
         node.stop()  # kills and removes the job's cgroup: nothing of the job survives it
-    return AgentResult(True)
+    return AgentResult(True, node=node_name)
 
 
-def _first_failure_time(err: object) -> float:
-    """When this agent saw its ranks fail (torch's own failure timestamps are whole seconds)."""
-    return time.time()
+# Signals the elastic agent stops the other ranks with when one has failed.
+_STOP_SIGNALS = ("SIGTERM", "SIGKILL")
 
 
-def describe_failures(err: object, log_dir: Path, oom_ranks: set[int] | None = None, oom_reason: str = "") -> str:
-    failures = getattr(err, "failures", {}) or {}
-    lines = []
-    for rank in sorted(failures):
-        f = failures[rank]
-        exitcode = getattr(f, "exitcode", None)
-        if oom_ranks and rank in oom_ranks:
-            how = f"was killed by the kernel OOM killer: {oom_reason}"
-        elif exitcode is not None and exitcode < 0:
-            try:
-                how = f"was killed by {signal.Signals(-exitcode).name}"
-            except ValueError:
-                how = f"was killed by signal {-exitcode}"
-        else:
-            how = f"exited with code {exitcode}"
-        lines.append(f"rank {rank} (pid {getattr(f, 'pid', '?')}) {how}")
-    msg = "the job failed: " + "; ".join(lines)
+def rank_exits(failures: dict[int, Any], ranks: Any, services: Any, node: str = "",
+               oom_ranks: set[int] | None = None, oom_reason: str = "") -> list[RankExit]:
+    """How every rank of this node ended, from torch's failures and the node's services.
+
+    torch reports the ranks that had ended badly when it looked; the others it then
+    stopped (SIGTERM, then SIGKILL). A reported rank that was killed by one of those
+    signals after the first failure was stopped too. Each rank's end time comes from the
+    node's exit clock (``node/exits.py``), else torch's whole-second timestamp; its last
+    lines from the rank streams.
+    """
+    from aitrain.launcher.node.logstream import flush_all
+
+    flush_all()  # the streamer may still hold the ranks' last lines
+    exits: list[RankExit] = []
+    for rank in ranks:
+        f = failures.get(rank)
+        ended = services.ended_at(rank) if services is not None else None
+        tail = tuple(services.tail(rank)) if services is not None else ()
+        if f is None:
+            exits.append(RankExit(rank, node=node, signal="SIGTERM", stopped=True, ended_at=ended))
+            continue
+        code = getattr(f, "exitcode", None)
+        error, trace = _error_file(f)
+        if ended is None:
+            ended = float(getattr(f, "timestamp", 0) or 0) or None
+        base = exit_from_status(rank, code, node=node, ended_at=ended, pid=getattr(f, "pid", None),
+                                tail=tuple(trace.splitlines()) if trace else tail)
+        error = error or error_line(services.err_tail(rank) if services is not None else tail)
+        oom = oom_reason if oom_ranks and rank in oom_ranks else ""
+        exits.append(replace(base, error=error, oom=oom))
+    own = [e for e in exits if e.failed and e.signal not in _STOP_SIGNALS and e.ended_at is not None]
+    first = min((e.ended_at for e in own if e.ended_at is not None), default=None)
+    if first is not None:  # killed by the agent's own stop signals after the first failure: stopped
+        exits = [replace(e, stopped=True) if e.signal in _STOP_SIGNALS and not e.oom and e.ended_at is not None
+                 and e.ended_at >= first else e for e in exits]
     if oom_reason and not oom_ranks:
-        msg += f" ({oom_reason})"
-    try:
-        root_rank, first = err.get_first_failure()  # type: ignore[attr-defined]
-    except Exception:
-        return msg
-    message = _error_message(first)
-    if not message or message == "<NONE>":
-        message = _stderr_tail(log_dir, root_rank)
-    if message:
-        msg += f"\nfirst failure (rank {root_rank}):\n{message}"
-    return msg
+        exits = [replace(e, error=e.error or oom_reason) if e.failed else e for e in exits]
+    return root_cause_first(exits)
 
 
-def _error_message(failure: object) -> str:
+def _error_file(failure: object) -> tuple[str, str]:
+    """(error line, traceback) from the rank's torchelastic error file (``@record``), if any."""
     data = getattr(failure, "error_file_data", None) or {}
     message = data.get("message") if isinstance(data, dict) else None
     if isinstance(message, dict):
         extra = message.get("extraInfo", {}) or {}
-        return str(extra.get("py_callstack") or message.get("message", "")).rstrip()
-    if isinstance(message, str):
-        return message.rstrip()
-    return str(getattr(failure, "message", "") or "").rstrip()
-
-
-def _stderr_tail(log_dir: Path, rank: object, lines: int = 15) -> str:
-    """The last lines a rank wrote (when it left no error file): its ``rank<N>.log``."""
-    if rank is None:
-        return ""
-    from aitrain.launcher.node.logstream import flush_all
-
-    flush_all()  # the streamer may still hold the rank's last lines
-    try:
-        text = (log_dir / f"rank{rank}.log").read_text(errors="replace").rstrip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
+        return str(message.get("message") or "").strip(), str(extra.get("py_callstack") or "").rstrip()
+    if isinstance(message, str) and message.strip() and message.strip() != "<NONE>":
+        return message.strip().splitlines()[-1], message.rstrip()
+    return "", ""
 
 
 # -- the agent as a child process of the CLI ---------------------------------
@@ -227,7 +262,8 @@ class AgentProcess:
             return result
         if forwarded:
             sig = signal.Signals(forwarded[0])
-            return AgentResult(False, 128 + int(sig), f"interrupted by {sig.name}; all ranks were stopped")
+            return AgentResult(False, 128 + int(sig), f"interrupted by {sig.name}; all ranks were stopped",
+                               interrupted=True)
         return AgentResult(False, code or 1, f"the agent process exited with code {code} without a result",
                            f"see the rank logs under {req.log_dir}")
 
@@ -332,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         req = AgentRequest(**json.loads(Path(argv[0]).read_text()))
     result = run_agent(req)
-    Path(req.result_file).write_text(json.dumps(asdict(result)))
+    result.write(Path(req.result_file))
     return result.exit_code
 
 

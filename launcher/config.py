@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from aitrain.errors import ConfigError
 
@@ -95,7 +95,8 @@ class CheckpointConfig:
     """Distributed checkpoints (torch.distributed.checkpoint)."""
 
     every_n_steps: int = 0  # save every N steps and after the last one (0: never)
-    dir: Optional[str] = None  # checkpoint root; set it to a fixed path to resume across launches (default: <run_dir>/checkpoints)
+    # checkpoint root; set it to a fixed path to resume across launches (default: <run_dir>/checkpoints)
+    dir: str | None = None
     keep: int = 3  # complete checkpoints kept, oldest removed first (0: keep all)
 
 
@@ -104,9 +105,9 @@ class TrackingConfig:
     """Experiment tracking (set by the `tracking` group: mlflow | none)."""
 
     enabled: bool = True  # false: log nothing
-    uri: Optional[str] = None  # MLflow tracking URI (default: sqlite under `run_root`)
+    uri: str | None = None  # MLflow tracking URI (default: sqlite under `run_root`)
     experiment: str = "aitrain"  # MLflow experiment name
-    run_name: Optional[str] = None  # MLflow run name (default: the run directory's name)
+    run_name: str | None = None  # MLflow run name (default: the run directory's name)
     system_metrics: bool = True  # sample CPU, memory, network, RDMA and GPU metrics on every node
     system_metrics_interval_s: float = 10.0  # seconds between system metric samples
 
@@ -118,12 +119,12 @@ class FabricConfig:
     check: bool = True  # probe and check the fabric before starting ranks
     on_error: str = "fail"  # fail | warn: what a fabric error does to the launch
     tune: bool = True  # derive NCCL/Gloo env from the probed topology
-    interface: Optional[str] = None  # force the socket interface (e.g. ib0)
-    expected_rate_gbps: Optional[float] = None  # RDMA ports slower than this are findings
-    nccl_version: Optional[str] = None  # NCCL version when torch has none (e.g. 2.21.5)
+    interface: str | None = None  # force the socket interface (e.g. ib0)
+    expected_rate_gbps: float | None = None  # RDMA ports slower than this are findings
+    nccl_version: str | None = None  # NCCL version when torch has none (e.g. 2.21.5)
     env: dict[str, str] = field(default_factory=dict)  # extra env; always wins over tuning
-    ib_tc: Optional[int] = None  # NCCL_IB_TC: the traffic class your fabric's QoS expects (None: NCCL's default)
-    ib_sl: Optional[int] = None  # NCCL_IB_SL: the InfiniBand service level (None: NCCL's default)
+    ib_tc: int | None = None  # NCCL_IB_TC: the traffic class your fabric's QoS expects (None: NCCL's default)
+    ib_sl: int | None = None  # NCCL_IB_SL: the InfiniBand service level (None: NCCL's default)
     collective_timeout_s: float = 600.0  # process-group timeout; NCCL_IB_TIMEOUT/RETRY_CNT are fitted inside it
     profile: str = "auto"  # auto: a stored `fabric tune --search` winner matching the cluster | none | a profile file
     smoke: bool = True  # run a short all_reduce with the tuned env before a multi-node launch
@@ -151,7 +152,7 @@ class ResourcesConfig:
     """Resource control of the ranks on each node."""
 
     cgroup: bool = False  # run the job in its own cgroup (v2, else v1); killed whole at teardown
-    memory_max: Optional[str] = None  # memory limit of the job's cgroup, e.g. 8G (needs resources.cgroup=true)
+    memory_max: str | None = None  # memory limit of the job's cgroup, e.g. 8G (needs resources.cgroup=true)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class JobConfig:
     nnodes: int = 1  # nodes (torchrun's --nnodes)
     nproc_per_node: int = 2  # ranks per node (torchrun's --nproc-per-node)
     dry_run: bool = False  # print the plan (config, commands, env per rank) and start nothing
-    script: Optional[str] = None  # a torchrun-compatible script to run instead of the built-in job
+    script: str | None = None  # a torchrun-compatible script to run instead of the built-in job
     script_args: list[str] = field(default_factory=list)  # arguments for `script`
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
@@ -202,21 +203,21 @@ class SlurmBackendConfig:
     """Submit to Slurm with sbatch (or, inside an allocation, run one agent per node with srun)."""
 
     name: str = "slurm"
-    partition: Optional[str] = None  # --partition
-    account: Optional[str] = None  # --account
-    qos: Optional[str] = None  # --qos
-    time: Optional[str] = None  # --time, e.g. 04:00:00
-    gpus_per_node: Optional[int] = None  # --gpus-per-node (default: none requested)
-    cpus_per_node: Optional[int] = None  # --cpus-per-task of the one task per node (the node agent)
-    mem: Optional[str] = None  # --mem per node, e.g. 200G
-    constraint: Optional[str] = None  # --constraint
+    partition: str | None = None  # --partition
+    account: str | None = None  # --account
+    qos: str | None = None  # --qos
+    time: str | None = None  # --time, e.g. 04:00:00
+    gpus_per_node: int | None = None  # --gpus-per-node (default: none requested)
+    cpus_per_node: int | None = None  # --cpus-per-task of the one task per node (the node agent)
+    mem: str | None = None  # --mem per node, e.g. 200G
+    constraint: str | None = None  # --constraint
     exclusive: bool = False  # --exclusive
-    job_name: Optional[str] = None  # --job-name (default: aitrain-<strategy>)
+    job_name: str | None = None  # --job-name (default: aitrain-<strategy>)
     extra_sbatch: list[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. ['--reservation=x']
     signal: str = "USR1"  # signal Slurm sends before the time limit: ranks checkpoint and the job requeues
     signal_lead_s: int = 120  # seconds before the time limit that the signal is sent
     max_requeues: int = 3  # requeues after preemption/time limit before giving up
-    python: Optional[str] = None  # interpreter on the compute nodes (default: this one)
+    python: str | None = None  # interpreter on the compute nodes (default: this one)
     srun_args: list[str] = field(default_factory=list)  # extra srun arguments for the agent step
 
 
@@ -225,16 +226,24 @@ class RayBackendConfig:
     """Run on a Ray cluster: one actor per rank in a placement group (launcher/backends/ray.py)."""
 
     name: str = "ray"
-    address: Optional[str] = None  # unset: RAY_ADDRESS, else a running local cluster, else a Ray started for this job; host:port | auto | ray://head:10001 (Ray client) | http://head:8265 (Jobs API: submit, print a handle)
-    placement: str = "spread"  # spread | pack | strict_spread | strict_pack: how the per-node bundles go on Ray nodes
+    # unset: RAY_ADDRESS, else a running local cluster, else a Ray started for this job; host:port | auto |
+    # ray://head:10001 (Ray client) | http://head:8265 (Jobs API: submit, print a handle)
+    address: str | None = None
+    # spread | pack | strict_spread | strict_pack: how the per-node bundles go on Ray nodes
+    placement: str = "spread"
     cpus_per_worker: float = 1.0  # CPUs each rank's actor reserves
     gpus_per_worker: float = 0.0  # GPUs each rank's actor reserves (a node's ranks all see that node's GPUs)
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank, e.g. {accel_h100: 1}
-    max_failures: int = 0  # restarts of the whole group after a failure (the built-in job resumes from its latest checkpoint)
-    placement_timeout_s: float = 120.0  # seconds to wait for the placement group before giving up with the cluster's resources
-    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the job (env_vars, working_dir, pip, ...)
-    python: Optional[str] = None  # interpreter of the Jobs API entrypoint on the cluster (default: this one)
-    num_cpus: Optional[int] = None  # CPUs of the Ray instance aitrain starts when there is no cluster (default: enough for the job)
+    # custom Ray resources per rank, e.g. {accel_h100: 1}
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # restarts of the whole group after a failure (the built-in job resumes from its latest checkpoint)
+    max_failures: int = 0
+    # seconds to wait for the placement group before giving up with the cluster's resources
+    placement_timeout_s: float = 120.0
+    # Ray runtime_env of the job (env_vars, working_dir, pip, ...)
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    python: str | None = None  # interpreter of the Jobs API entrypoint on the cluster (default: this one)
+    # CPUs of the Ray instance aitrain starts when there is no cluster (default: enough for the job)
+    num_cpus: int | None = None
 
 
 # Schemas for the `backend` group: one per backend, so `backend.partition` is a
@@ -279,7 +288,7 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, tp in _field_types(cls).items():
         tp = _unwrap(tp)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             keys.extend(schema_keys(tp, f"{prefix}{name}."))
         else:
             keys.append(f"{prefix}{name}")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from aitrain.errors import ConfigError
 
@@ -29,7 +29,9 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def _split_top_level(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+    parts: list[str] = []
+    depth = 0
+    cur: list[str] = []
     for ch in s:
         if ch == "[":
             depth += 1
@@ -128,7 +130,7 @@ class SlurmEnvironment:
         }
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "SlurmEnvironment":
+    def from_env(cls, env: Mapping[str, str]) -> SlurmEnvironment:
         job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
         if not job_id:
             raise ConfigError("not inside a Slurm allocation (SLURM_JOB_ID is not set)",

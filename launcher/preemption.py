@@ -27,7 +27,7 @@ class Stopper:
             signal.signal(sig, self._on_signal)
 
     @classmethod
-    def from_env(cls) -> "Stopper":
+    def from_env(cls) -> Stopper:
         return cls(os.environ.get(ENV) or None)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:

@@ -28,8 +28,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from aitrain.launcher.resources import RankProfile
@@ -141,7 +142,7 @@ class ProfilerError(Exception):
     pass
 
 
-def _start_perf(prof: "RankProfile", pid: int, out: Path, log: Any) -> subprocess.Popen[bytes]:
+def _start_perf(prof: RankProfile, pid: int, out: Path, log: Any) -> subprocess.Popen[bytes]:
     ctl_r, ctl_w = os.pipe()
     ack_r, ack_w = os.pipe()
     argv = [prof.tool, "stat", "-x,", "-o", str(out), "-e", ",".join(prof.events or PERF_EVENTS),
@@ -174,7 +175,7 @@ def _start_perf(prof: "RankProfile", pid: int, out: Path, log: Any) -> subproces
         os.close(ack_r)
 
 
-def _start_pyspy(prof: "RankProfile", pid: int, out: Path, log: Any) -> subprocess.Popen[bytes]:
+def _start_pyspy(prof: RankProfile, pid: int, out: Path, log: Any) -> subprocess.Popen[bytes]:
     argv = [prof.tool, "record", "--pid", str(pid), "--output", str(out), "--format", "flamegraph",
             "--rate", "100"]
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -201,7 +202,7 @@ def profile_files(prof_dir: Path, kind: str, rank: int) -> tuple[Path, Path]:
     return prof_dir / f"flame-rank{rank}.svg", prof_dir / f"pyspy-rank{rank}.log"
 
 
-def run_profiled(argv: list[str], prof: "RankProfile", rank: int) -> NoReturn:
+def run_profiled(argv: list[str], prof: RankProfile, rank: int) -> NoReturn:
     """Run ``argv`` under the profiler and exit as it did (see the module docstring)."""
     out, log_path = profile_files(Path(prof.dir), prof.kind, rank)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +291,7 @@ def collect(kind: str, prof_dir: Path, ranks: Sequence[int], metrics_file: Path 
     if kind == "pyspy":
         svgs = [profile_files(prof_dir, kind, r)[0] for r in ranks]
         have = [p for p in svgs if p.exists() and p.stat().st_size > 0]
-        lost = [r for r, p in zip(ranks, svgs) if p not in have]
+        lost = [r for r, p in zip(ranks, svgs, strict=False) if p not in have]
         if have:
             print(f"aitrain: flame graphs: {', '.join(str(p) for p in have)}", flush=True)
         if lost:

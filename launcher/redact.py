@@ -36,7 +36,7 @@ _ASSIGN = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_.\-]*)(?P<sep>=)(?P<value>[^
 
 def words(name: str) -> list[str]:
     """``awsSecretAccessKey`` -> ['aws', 'secret', 'access', 'key']; ``HF_TOKEN`` -> ['hf', 'token']."""
-    out = []
+    out: list[str] = []
     for part in _SPLIT.split(name):
         out.extend(w.lower() for w in _CAMEL.split(part) if w)
     return out

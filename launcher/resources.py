@@ -35,9 +35,10 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping, Sequence
+from typing import Any
 
 from aitrain.errors import ConfigError
 
@@ -95,7 +96,7 @@ class ResourceRequest:
         return self.binding != "none" or self.cgroup or self.profile != "none"
 
     @classmethod
-    def from_config(cls, job: Any) -> "ResourceRequest":
+    def from_config(cls, job: Any) -> ResourceRequest:
         binding, profile = str(job.binding), str(job.profile)
         if binding not in BINDINGS:
             raise ConfigError(f"binding={binding} is not a CPU binding mode",
@@ -137,7 +138,7 @@ class NodePlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "NodePlan":
+    def from_dict(cls, d: Mapping[str, Any]) -> NodePlan:
         return cls(**dict(d))
 
     def describe(self) -> list[str]:
@@ -206,7 +207,7 @@ def plan_cpu_sets(binding: str, nranks: int, *, sysfs_root: str | os.PathLike[st
     """
     from aitrain.fabric.host import cpu_sets_for_ranks, read_cpu_topology
 
-    topo = read_cpu_topology(sysfs_root)
+    topo = read_cpu_topology(Path(sysfs_root))
     allowed_set = set(allowed if allowed is not None else os.sched_getaffinity(0))
     cpus = [c for c in topo.online if c in allowed_set] or sorted(allowed_set)
     gpus = list(gpu_numa or [])
@@ -324,9 +325,9 @@ def find_cgroups(proc_root: str | os.PathLike[str] = "/proc", root: str | None =
         base = Path(root)
         if (base / "cgroup.controllers").exists():
             return CgroupLayout(2, {"unified": base})
-        v1 = {c: base / c for c in ("memory", "cpuset") if (base / c / "cgroup.procs").exists()}
-        if "memory" in v1:
-            return CgroupLayout(1, v1)
+        given = {c: base / c for c in ("memory", "cpuset") if (base / c / "cgroup.procs").exists()}
+        if "memory" in given:
+            return CgroupLayout(1, given)
         raise CgroupUnavailable(f"{base} ({CGROUP_ROOT_ENV}) is not a cgroup filesystem "
                                 f"(no cgroup.controllers, no memory/cgroup.procs)")
     proc = Path(proc_root)
@@ -386,7 +387,7 @@ class JobCgroup:
 
     @classmethod
     def create(cls, name: str, *, memory_max: int | None = None, cpus: Sequence[int] = (),
-               layout: CgroupLayout | None = None) -> "JobCgroup":
+               layout: CgroupLayout | None = None) -> JobCgroup:
         """Create the group (raises CgroupUnavailable with the reason when it cannot)."""
         layout = layout or find_cgroups()
         for attempt in range(3):  # another job may remove the shared aitrain/ dir in between
@@ -404,7 +405,7 @@ class JobCgroup:
 
     @classmethod
     def _create_v2(cls, layout: CgroupLayout, name: str, memory_max: int | None,
-                   cpus: Sequence[int]) -> "JobCgroup":
+                   cpus: Sequence[int]) -> JobCgroup:
         parent = layout.parents["unified"]
         job = parent / name
         notes: list[str] = []
@@ -451,7 +452,7 @@ class JobCgroup:
 
     @classmethod
     def _create_v1(cls, layout: CgroupLayout, name: str, memory_max: int | None,
-                   cpus: Sequence[int]) -> "JobCgroup":
+                   cpus: Sequence[int]) -> JobCgroup:
         notes: list[str] = []
         dirs: dict[str, Path] = {}
         for ctrl, parent in layout.parents.items():
@@ -592,7 +593,7 @@ class NodeResources:
         self.profiler = ""  # the profiler binary ranks run under; "" when profiling is off
 
     @classmethod
-    def start(cls, plan: Mapping[str, Any] | NodePlan | None, *, nproc: int, node_rank: int = 0) -> "NodeResources":
+    def start(cls, plan: Mapping[str, Any] | NodePlan | None, *, nproc: int, node_rank: int = 0) -> NodeResources:
         """Create the cgroup and check the profiler before any rank starts."""
         plan = plan if isinstance(plan, NodePlan) else NodePlan.from_dict(plan or {})
         self = cls(plan, nproc=nproc, node_rank=node_rank)

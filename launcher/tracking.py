@@ -35,12 +35,14 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from aitrain.launcher.metrics import read_new
 from aitrain.launcher.redact import redact_mapping, redact_obj, redact_uri
+from aitrain.launcher.util import write_atomic
 
 log = logging.getLogger("aitrain.tracking")
 
@@ -132,15 +134,8 @@ def record_phase(run_dir: Path, name: str, seconds: float) -> None:
 def record_world(run_dir: Path, *, nnodes: int, nproc_per_node: int, excluded: list[str]) -> None:
     """The job's size after bad nodes were left out, for the MLflow tags (nnodes, world_size,
     fabric.excluded_nodes) the tracker set from the size the launch started with."""
-    _write_whole(Path(run_dir) / WORLD_FILE, json.dumps({"nnodes": nnodes, "world_size": nnodes * nproc_per_node,
+    write_atomic(Path(run_dir) / WORLD_FILE, json.dumps({"nnodes": nnodes, "world_size": nnodes * nproc_per_node,
                                                          "excluded_nodes": list(excluded)}))
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Write ``path`` so that a reader sees the old or the new text, never part of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def git_info(path: Path) -> dict[str, str]:
@@ -158,7 +153,8 @@ def git_info(path: Path) -> dict[str, str]:
         return {}
     out = {"git.commit": commit, "mlflow.source.git.commit": commit,
            "git.dirty": "true" if git("status", "--porcelain", "--untracked-files=no") else "false"}
-    for key, args in (("git.branch", ("rev-parse", "--abbrev-ref", "HEAD")), ("git.root", ("rev-parse", "--show-toplevel")),
+    for key, args in (("git.branch", ("rev-parse", "--abbrev-ref", "HEAD")),
+                      ("git.root", ("rev-parse", "--show-toplevel")),
                       ("git.remote", ("config", "--get", "remote.origin.url"))):
         value = git(*args)
         if value:
@@ -246,7 +242,7 @@ class Tracker:
             raise ValueError(f"document name {name!r} is empty")
         path = self.run_dir / DOCUMENTS_DIR / Path(*parts[:-1]) / f"{parts[-1]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_whole(path, json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
+        write_atomic(path, json.dumps(redact_obj(obj), indent=2, sort_keys=True, default=str) + "\n")
         return path
 
     def set_tags(self, **tags: Any) -> None:
@@ -282,7 +278,7 @@ class Tracker:
         return False
 
     @classmethod
-    def from_run_dir(cls, run_dir: Path, uri: str | None = None, drain_timeout_s: float = 60.0) -> "Tracker":
+    def from_run_dir(cls, run_dir: Path, uri: str | None = None, drain_timeout_s: float = 60.0) -> Tracker:
         """The tracker of an earlier launch, to replay its spool (``aitrain runs sync``)."""
         state = json.loads((Path(run_dir) / STATE_FILE).read_text())
         if uri and uri != state["uri"]:
@@ -310,7 +306,7 @@ class Tracker:
 
     def _save_state(self) -> None:
         with self._lock:  # also serialises the writers (the launch thread and the tracker thread)
-            _write_whole(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True))
+            write_atomic(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True))
 
     def _started_training(self) -> bool:
         if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
@@ -674,7 +670,7 @@ def _read_lines(path: Path, offset: int, limit: int) -> list[tuple[dict[str, Any
             data = f.read(64 * 1024 * 1024)
     except FileNotFoundError:
         return []
-    out = []
+    out: list[tuple[dict[str, Any], int]] = []
     pos = 0
     while len(out) < limit:
         nl = data.find(b"\n", pos)

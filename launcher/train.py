@@ -125,7 +125,7 @@ def train(cfg: JobConfig) -> float:
     plan = check_job(cfg, world)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
-    model = GPT(model_args(cfg))
+    model: torch.nn.Module = GPT(model_args(cfg))
     n_params = sum(p.numel() for p in model.parameters())
     progress.note(n_params=n_params, device=device.type)  # for the tracker's MFU estimate
     model.to(device)
@@ -250,7 +250,7 @@ def _leave(code: int) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
+    code = int(main() or 0)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         _leave(code)
     sys.exit(code)

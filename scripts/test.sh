@@ -27,13 +27,22 @@ if [ -f scripts/expose_pyverbs.py ]; then
   "$VENV/bin/python" scripts/expose_pyverbs.py || true
 fi
 
-echo "== running the test suite"
+# Lint and types are part of the test command: ruff and mypy (settings in pyproject.toml).
+echo "== lint and types"
 set +e
+"$VENV/bin/python" scripts/lint.py
+lint=$?
+
+echo "== running the test suite"
 "$VENV/bin/pytest" "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
   echo "pytest collected no tests"
   rc=0
+fi
+if [ "$lint" != 0 ]; then
+  echo "== ruff or mypy found problems (see above)"
+  [ "$rc" = 0 ] && rc=1
 fi
 exit "$rc"

@@ -54,10 +54,11 @@ def resolve_roots(
             proc_root = sys_path / "proc" if (sys_path / "proc").is_dir() else None
             explicit_proc = proc_root is not None
         sys_path = sys_path / "sys"
+    proc: Path | None
     if _is_live(sys_path):
         proc = Path(proc_root) if proc_root is not None else LIVE_PROCFS
-    elif explicit_proc:
-        proc = Path(proc_root)  # type: ignore[arg-type]
+    elif explicit_proc and proc_root is not None:
+        proc = Path(proc_root)
     else:
         sibling = sys_path.parent / "proc"
         proc = sibling if sys_path.name == "sys" and sibling.is_dir() else None

@@ -19,11 +19,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 DEDUP_WINDOW_S = 5.0
+TAIL_LINES = 30  # kept per rank for the failure message
 MAX_LINE = 64 * 1024  # a line without newline is cut here (progress bars, binary junk)
 
 
@@ -86,8 +88,12 @@ class Console:
     def line(self, rank: int, text: str, is_err: bool = False) -> None:
         if self.ranks is not None and rank not in self.ranks:
             return
+        own = f"[rank{rank}]:"
+        # torch prefixes a rank's traceback itself: one prefix is enough on the console. Such
+        # lines differ from rank to rank, so they are never folded together.
+        shown = text[len(own):] if text.startswith(own) else text
         if not self.dedup:
-            self._emit(is_err, str(rank), text)
+            self._emit(is_err, str(rank), shown)
             return
         now = self.clock()
         key = (is_err, text)
@@ -98,7 +104,7 @@ class Console:
             return
         if p is not None:  # the window is over, or the same rank says it again: a new occurrence
             self._summary(is_err, text, p)
-        self._emit(is_err, str(rank), text)
+        self._emit(is_err, str(rank), shown)
         self._pending[key] = _Pending(now, {rank})
 
     def tick(self) -> None:
@@ -148,7 +154,7 @@ def _sweep_stale_pipe_dirs() -> None:
 class RankStreams:
     """Reads every rank's pipes in one thread; writes rank files and the console."""
 
-    active: list["RankStreams"] = []  # for flush_all()
+    active: list[RankStreams] = []  # for flush_all()
 
     def __init__(self, log_dir: Path, console: Console, poll_ms: int = 100) -> None:
         self.log_dir = Path(log_dir)
@@ -160,6 +166,8 @@ class RankStreams:
         self.pipe_dir: Path | None = None
         self._files: dict[int, Any] = {}
         self._sources: dict[int, _Source] = {}
+        self._tails: dict[int, deque[str]] = {}
+        self._err_tails: dict[int, deque[str]] = {}
         self._new: list[_Source] = []
         self._flush_waiters: list[threading.Event] = []
         self._lock = threading.Lock()
@@ -208,7 +216,11 @@ class RankStreams:
             else:
                 line, src.buf = src.buf[:nl], src.buf[nl + 1:]
             src.sink.write(line + b"\n")
-            self.console.line(src.rank, line.decode(errors="replace").rstrip("\r"), src.is_err)
+            text = line.decode(errors="replace").rstrip("\r")
+            self._tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
+            if src.is_err:
+                self._err_tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
+            self.console.line(src.rank, text, src.is_err)
 
     def _read(self, poller: select.poll, src: _Source, until_empty: bool) -> None:
         while True:
@@ -255,10 +267,10 @@ class RankStreams:
                     for w in waiters:
                         w.set()
                 stopping = self._stop.is_set()
-                for fd, ev in poller.poll(0 if stopping else self.poll_ms):
-                    src = self._sources.get(fd)
-                    if src is not None:
-                        self._read(poller, src, until_empty=False)
+                for fd, _ev in poller.poll(0 if stopping else self.poll_ms):
+                    ready = self._sources.get(fd)
+                    if ready is not None:
+                        self._read(poller, ready, until_empty=False)
                 if stopping:
                     for src in list(self._sources.values()):
                         self._read(poller, src, until_empty=True)
@@ -283,6 +295,14 @@ class RankStreams:
             self.console.close()
             if self.pipe_dir is not None:
                 shutil.rmtree(self.pipe_dir, ignore_errors=True)
+
+    def tail(self, rank: int) -> list[str]:
+        """The rank's last lines (both streams, in the order they came)."""
+        return list(self._tails.get(rank, ()))
+
+    def err_tail(self, rank: int) -> list[str]:
+        """The rank's last lines on stderr."""
+        return list(self._err_tails.get(rank, ()))
 
     def flush(self, timeout: float = 2.0) -> None:
         """Wait until what the ranks wrote so far is in their log files."""

@@ -19,12 +19,18 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitrain.launcher.node import logstream, nodeinfo, sysmetrics
+from aitrain.launcher.node.exits import ExitClock
 from aitrain.launcher.node.watchdog import HangReport, HangWatchdog, terminate_self
+from aitrain.launcher.util import write_atomic
+
+if TYPE_CHECKING:
+    from aitrain.launcher.job import JobSpec
 
 HANG_EXIT_CODE = 124  # like timeout(1): the job was stopped because it made no progress
 
@@ -41,19 +47,21 @@ class ServicesOptions:
     watchdog_timeout_s: float = 0.0  # 0: no watchdog
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "ServicesOptions":
+    def from_dict(cls, d: dict[str, Any] | None) -> ServicesOptions:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in names})
 
 
-def services_options(spec: Any) -> dict[str, Any]:
-    """``AgentRequest.services`` for a JobSpec (what every backend passes to its node agents)."""
+def services_options(spec: JobSpec, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``AgentRequest.services`` for a JobSpec (what every backend passes to its node agents);
+    ``env``: the ranks' env (its tuned interfaces are the ones whose traffic is sampled)."""
     cfg = spec.config
     opts = ServicesOptions(run_dir=str(spec.run_dir), progress_dir=str(Path(spec.run_dir) / "progress"))
     if cfg is not None:
         t = cfg.tracking
         opts.system_metrics_interval_s = float(t.system_metrics_interval_s) if t.enabled and t.system_metrics else 0.0
-        opts.interfaces = sysmetrics.interfaces_from_env(spec.env, cfg.fabric.interface)
+        opts.interfaces = sysmetrics.interfaces_from_env(dict(env if env is not None else spec.env),
+                                                         cfg.fabric.interface)
         opts.log_ranks = str(cfg.log.ranks)
         opts.log_dedup = bool(cfg.log.dedup)
         opts.watchdog_timeout_s = float(cfg.watchdog.timeout_s or 0.0)
@@ -93,8 +101,9 @@ class NodeServices:
         self.streams: logstream.RankStreams | None = None
         self.sampler: sysmetrics.SystemMetricsThread | None = None
         self.watchdog: HangWatchdog | None = None
+        self.exits = ExitClock(int(getattr(req, "nproc_per_node", 1) or 1))
 
-    def __enter__(self) -> "NodeServices":
+    def __enter__(self) -> NodeServices:
         self.progress_dir.mkdir(parents=True, exist_ok=True)
         console = logstream.Console(ranks=logstream.parse_ranks(self.opts.log_ranks), dedup=self.opts.log_dedup)
         self.streams = logstream.RankStreams(Path(self.req.log_dir), console)
@@ -124,11 +133,23 @@ class NodeServices:
             self.sampler.stop()
         if self.streams is not None:
             self.streams.stop()
+        self.exits.stop()
         self._info_thread.join(5)
 
     # -- pieces -------------------------------------------------------------------
 
+    def ended_at(self, rank: int) -> float | None:
+        """When the rank's process ended (None: still running, or not seen)."""
+        return self.exits.ended_at(rank)
+
+    def tail(self, rank: int) -> list[str]:
+        return self.streams.tail(rank) if self.streams is not None else []
+
+    def err_tail(self, rank: int) -> list[str]:
+        return self.streams.err_tail(rank) if self.streams is not None else []
+
     def _spawned(self, when: float) -> None:
+        self.exits.spawned()
         marks = {"node": self.node, "start": self.started, "spawn": when, "rendezvous_s": when - self.started}
         _write_json(self.progress_dir / f"agent-{sysmetrics.metric_name(self.node)}.json", marks)
 
@@ -178,6 +199,4 @@ class _LazyGpus:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")

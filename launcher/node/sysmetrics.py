@@ -22,9 +22,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 MIB = 1024 * 1024
 # RDMA port counters whose deltas are worth a graph (the data counters count 4-byte words).
@@ -262,10 +263,10 @@ class NvmlGpus:
         n = self.nvml
         for i, h in enumerate(self.handles):
             for key, read in (
-                ("util_pct", lambda: n.nvmlDeviceGetUtilizationRates(h).gpu),
-                ("mem_used_mib", lambda: n.nvmlDeviceGetMemoryInfo(h).used / MIB),
-                ("power_w", lambda: n.nvmlDeviceGetPowerUsage(h) / 1000.0),
-                ("temp_c", lambda: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+                ("util_pct", lambda h=h: n.nvmlDeviceGetUtilizationRates(h).gpu),
+                ("mem_used_mib", lambda h=h: n.nvmlDeviceGetMemoryInfo(h).used / MIB),
+                ("power_w", lambda h=h: n.nvmlDeviceGetPowerUsage(h) / 1000.0),
+                ("temp_c", lambda h=h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
             ):
                 try:
                     out[f"gpu/{i}/{key}"] = float(read())
@@ -303,7 +304,8 @@ class SystemSampler:
 
     def sample(self, now: float | None = None) -> dict[str, float]:
         now = time.monotonic() if now is None else now
-        prev, cur = self._prev, {"t": now}
+        prev: dict[str, Any] = self._prev
+        cur: dict[str, Any] = {"t": now}
         out: dict[str, float] = {}
         dt = now - prev["t"] if "t" in prev else 0.0
 
@@ -317,7 +319,8 @@ class SystemSampler:
                 out["cpu_iowait_pct"] = 100.0 * (cpu.iowait - p.iowait) / total
 
         mem = read_meminfo(self.proc)
-        for src, key in (("MemTotal", "mem_total_mib"), ("MemAvailable", "mem_available_mib"), ("Cached", "mem_cached_mib")):
+        for src, key in (("MemTotal", "mem_total_mib"), ("MemAvailable", "mem_available_mib"),
+                         ("Cached", "mem_cached_mib")):
             if src in mem:
                 out[key] = mem[src] / MIB
         if mem.get("MemTotal") and "MemAvailable" in mem:

@@ -8,12 +8,13 @@ import shutil
 import time
 from pathlib import Path
 
-import hostbuilder
 import pytest
 
 from aitrain.errors import FabricError
 from aitrain.fabric import FabricCache, preflight, probe
 from aitrain.fabric.cache import host_key, summarize_errors
+
+import hostbuilder
 
 
 @pytest.fixture

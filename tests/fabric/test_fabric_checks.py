@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import hostbuilder
 import pytest
 
 from aitrain.fabric import FINDING_IDS, check, probe
@@ -19,6 +18,8 @@ from aitrain.fabric.topology import (
     RdmaPort,
     Route,
 )
+
+import hostbuilder
 
 
 def ids(findings, severity=None):

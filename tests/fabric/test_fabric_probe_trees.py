@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hostbuilder
 import pytest
 
 from aitrain.errors import FabricError
@@ -11,6 +10,8 @@ from aitrain.fabric.probe import resolve_roots
 from aitrain.fabric.probe.pathmap import materialize
 from aitrain.fabric.sources import load_hosts
 from aitrain.fabric.topology import gpu_nic_distances
+
+import hostbuilder
 
 
 def test_dgx_inventory(dgx):

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from aitrain.fabric.findings import Finding, Severity
-from aitrain.launcher.fabric_render import Style, render_findings, render_topology, table, use_color
+from aitrain.launcher.cli.render import Style, render_findings, render_topology, table, use_color
 
 
 class Tty(io.StringIO):

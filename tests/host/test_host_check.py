@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from hosttree import write_tree
 
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.host import HostPaths, check_host, rule_ids
+
+from hosttree import write_tree
 
 
 def by_id(findings: list[Finding]) -> dict[str, Finding]:

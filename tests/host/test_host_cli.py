@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hosttree import snapshot, write_tree
 
 from aitrain.fabric.host import rule_ids
-from aitrain.launcher import cli_host
+from aitrain.launcher.cli import host as cli_host
 from aitrain.launcher.cli import main
+
+from hosttree import snapshot, write_tree
 
 
 def roots(paths) -> list[str]:
@@ -110,6 +111,6 @@ def test_bare_tree_reports_everything_not_available(tmp_path: Path, capsys) -> N
 
 
 def test_host_cli_module_does_not_import_torch() -> None:
-    code = ("import sys, aitrain.launcher.cli_host, aitrain.fabric.host; "
+    code = ("import sys, aitrain.launcher.cli.host, aitrain.fabric.host; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

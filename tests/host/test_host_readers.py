@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hosttree import GiB, write_tree
-
 from aitrain.fabric.host.readers import (
     HostPaths,
     Limit,
@@ -21,6 +19,8 @@ from aitrain.fabric.host.readers import (
     read_sysctl,
     read_thp,
 )
+
+from hosttree import GiB, write_tree
 
 
 def test_selector_files_read_the_bracketed_choice() -> None:

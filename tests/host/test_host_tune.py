@@ -12,12 +12,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hosttree import snapshot
 
 from aitrain.errors import FabricError
 from aitrain.fabric.host import apply_tune, check_host, plan_tune, revert
 from aitrain.fabric.host import tune as tune_module
 from aitrain.fabric.host.tune import load_state
+
+from hosttree import snapshot
 
 SELECTOR_FILES = {"sys/kernel/mm/transparent_hugepage/enabled",
                   "sys/kernel/mm/transparent_hugepage/defrag"}

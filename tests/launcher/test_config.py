@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aitrain.errors import ConfigError
-from aitrain.launcher.cli_launch import normalize_overrides
+from aitrain.launcher.cli.launch import normalize_overrides
 from aitrain.launcher.config import (
     JobConfig,
     check_key,

@@ -84,6 +84,11 @@ def test_dry_run_prints_plan_and_starts_nothing(tmp_path: Path) -> None:
 def test_preflight_checks_fabric_and_host_before_ranks_start(tmp_path: Path) -> None:
     r = run_aitrain(["launch", "dry_run=true"], tmp_path)
     assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("preflight:"))  # the plan shows what was found
+    assert "rdma-none" in line and "host-" in line
+    assert not list(tmp_path.iterdir())  # ... and the dry run wrote nothing
+    r = run_aitrain(["launch", "train.steps=1", "nproc_per_node=1", "tracking=none"], tmp_path)
+    assert r.returncode == 0, r.stderr
     pre = json.loads(next(tmp_path.rglob("preflight.json")).read_text())
     ids = {f["id"] for f in pre["findings"]}
     assert "rdma-none" in ids  # no RDMA here: a fact (info), not an error

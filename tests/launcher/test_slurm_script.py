@@ -10,18 +10,30 @@ from pathlib import Path
 import pytest
 
 from aitrain.errors import ConfigError
-from aitrain.launcher.backends.slurm import SlurmBackend, parse_handle, render_sbatch
+from aitrain.launcher.backends.slurm import SlurmBackend, parse_handle
+from aitrain.launcher.backends.slurm.sbatch import render_sbatch as render_script
 from aitrain.launcher.config import JobConfig, SlurmBackendConfig
-from aitrain.launcher.job import JobSpec
+from aitrain.launcher.job import JobSpec, relaunch_argv
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "golden"
 
 
-def spec(nnodes: int = 2, run_dir: str = "/shared/runs/2026-01-01/12-00-00") -> JobSpec:
+def spec(nnodes: int = 2, run_dir: str = "/shared/runs/2026-01-01/12-00-00", overrides: list[str] | None = None,
+         python: str = "python") -> JobSpec:
     cfg = JobConfig()
     cfg.strategy.name = "fsdp"
-    return JobSpec(name="aitrain-x", run_dir=Path(run_dir), argv=["python"], nnodes=nnodes, nproc_per_node=8,
-                   config=cfg)
+    overrides = list(overrides or [])
+    # What plan_job puts in the spec for backend=slurm: the relaunch command of the batch job.
+    relaunch = relaunch_argv(overrides, python=python, run_dir=Path(run_dir),
+                             default=SlurmBackend(environ={}).relaunch_settings(cfg)[1])
+    return JobSpec(name="aitrain-x", run_dir=Path(run_dir), argv=("python",), nnodes=nnodes, nproc_per_node=8,
+                   config=cfg, overrides=tuple(overrides), relaunch=tuple(relaunch))
+
+
+def render_sbatch(opts: SlurmBackendConfig, job: JobSpec | None = None, *, overrides: list[str], cwd: str,
+                  python: str, nnodes: int = 2) -> str:
+    """The script for a job planned with these overrides (as `aitrain launch` plans it)."""
+    return render_script(opts, spec(nnodes=nnodes, overrides=overrides, python=python), cwd=cwd)
 
 
 def check_golden(name: str, text: str) -> None:
@@ -35,14 +47,13 @@ def test_golden_full_options() -> None:
     opts = SlurmBackendConfig(partition="gpu", account="ml", qos="high", time="04:00:00", gpus_per_node=8,
                               cpus_per_node=96, mem="900G", constraint="h100", exclusive=True,
                               extra_sbatch=["--reservation=train", "mail-type=END"])
-    text = render_sbatch(opts, spec(), overrides=["+strategy=fsdp", "backend=slurm", "nnodes=2",
-                                                  "backend.partition=gpu"],
+    text = render_sbatch(opts, overrides=["+strategy=fsdp", "backend=slurm", "nnodes=2", "backend.partition=gpu"],
                          cwd="/home/me/project", python="/opt/venv/bin/python")
     check_golden("sbatch_full.sh", text)
 
 
 def test_golden_minimal() -> None:
-    text = render_sbatch(SlurmBackendConfig(), spec(nnodes=1), overrides=["backend=slurm"],
+    text = render_sbatch(SlurmBackendConfig(), overrides=["backend=slurm"], nnodes=1,
                          cwd="/home/me", python="/usr/bin/python3")
     check_golden("sbatch_minimal.sh", text)
 
@@ -58,7 +69,7 @@ NASTY = [
 
 @pytest.mark.parametrize("override", NASTY)
 def test_overrides_reach_the_job_unchanged_and_execute_nothing(override: str, tmp_path: Path) -> None:
-    text = render_sbatch(SlurmBackendConfig(), spec(), overrides=[override], cwd=str(tmp_path / "a dir; $(x)"),
+    text = render_sbatch(SlurmBackendConfig(), overrides=[override], cwd=str(tmp_path / "a dir; $(x)"),
                          python="/usr/bin/python3")
     exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
     argv = shlex.split(exec_line[len("exec "):])
@@ -77,16 +88,16 @@ def test_overrides_reach_the_job_unchanged_and_execute_nothing(override: str, tm
 def test_unsafe_sbatch_values_are_rejected(field: str, value: str) -> None:
     opts = SlurmBackendConfig(**{field: value})
     with pytest.raises(ConfigError, match=field):
-        render_sbatch(opts, spec(), overrides=[], cwd="/", python="python")
+        render_sbatch(opts, overrides=[], cwd="/", python="python")
 
 
 def test_newline_in_override_is_rejected() -> None:
     with pytest.raises(ConfigError, match="newline"):
-        render_sbatch(SlurmBackendConfig(), spec(), overrides=["a=1\nrm -rf /"], cwd="/", python="python")
+        render_sbatch(SlurmBackendConfig(), overrides=["a=1\nrm -rf /"], cwd="/", python="python")
 
 
 def test_user_resume_is_kept() -> None:
-    text = render_sbatch(SlurmBackendConfig(), spec(), overrides=["resume=none"], cwd="/", python="python")
+    text = render_sbatch(SlurmBackendConfig(), overrides=["resume=none"], cwd="/", python="python")
     assert "resume=auto" not in text and "resume=none" in text
 
 

@@ -29,7 +29,7 @@ def client_and_run(root: Path) -> tuple:
 
 
 def run_dir_of(stdout: str) -> Path:
-    line = next(l for l in stdout.splitlines() if l.startswith("aitrain:") and "run dir " in l)
+    line = next(x for x in stdout.splitlines() if x.startswith("aitrain:") and "run dir " in x)
     return Path(line.split("run dir ", 1)[1].split(";")[0].strip())
 
 
@@ -125,7 +125,7 @@ def test_dry_run_prints_no_secret(tmp_path: Path) -> None:
 
 
 def test_rank_lists_need_no_quotes() -> None:
-    from aitrain.launcher.cli_launch import _quote_rank_list
+    from aitrain.launcher.cli.launch import _quote_rank_list
 
     assert _quote_rank_list("log.ranks=0,3") == "log.ranks='0,3'"
     assert _quote_rank_list("log.ranks=0") == "log.ranks=0"

@@ -10,9 +10,14 @@ import textwrap
 import time
 from pathlib import Path
 
-
-from aitrain.launcher.node.watchdog import (HangWatchdog, RankReport, dump_stack_faulthandler, find_behind,
-                                            render_text, waiting_collective)
+from aitrain.launcher.node.watchdog import (
+    HangWatchdog,
+    RankReport,
+    dump_stack_faulthandler,
+    find_behind,
+    render_text,
+    waiting_collective,
+)
 from aitrain.launcher.progress import phase_durations, read_record
 
 RANK_PROGRAM = textwrap.dedent("""

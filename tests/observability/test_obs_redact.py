@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from aitrain.launcher.redact import (MASK, is_secret_name, redact_argv, redact_mapping, redact_obj, redact_text,
-                                     redact_uri, redact_value)
+from aitrain.launcher.redact import (
+    MASK,
+    is_secret_name,
+    redact_argv,
+    redact_mapping,
+    redact_obj,
+    redact_text,
+    redact_uri,
+    redact_value,
+)
 
 
 @pytest.mark.parametrize("name", ["HF_TOKEN", "GITHUB_TOKEN", "api_key", "OPENAI_API_KEY", "apiKey", "hfToken",

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from aitrain.launcher.node.sysmetrics import (SystemMetricsThread, SystemSampler, interfaces_from_env,
-                                              read_cgroup_usage, read_meminfo, read_pressure, read_proc_cgroups,
-                                              select_interfaces)
+from aitrain.launcher.node.sysmetrics import (
+    SystemMetricsThread,
+    SystemSampler,
+    interfaces_from_env,
+    read_cgroup_usage,
+    read_meminfo,
+    read_pressure,
+    read_proc_cgroups,
+    select_interfaces,
+)
 
 
 def write(root: Path, rel: str, text: str) -> None:
@@ -25,7 +32,8 @@ def tree(tmp_path: Path) -> Path:
                                      "MemAvailable:    8192000 kB\nCached:          2048000 kB\n")
     write(tmp_path, "proc/pressure/cpu", "some avg10=1.50 avg60=1.00 avg300=0.50 total=100\n"
                                           "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
-    write(tmp_path, "proc/pressure/memory", "some avg10=0.25 avg60=0 avg300=0 total=1\nfull avg10=0.10 avg60=0 avg300=0 total=1\n")
+    write(tmp_path, "proc/pressure/memory",
+          "some avg10=0.25 avg60=0 avg300=0 total=1\nfull avg10=0.10 avg60=0 avg300=0 total=1\n")
     write(tmp_path, "proc/self/cgroup", "0::/job.slice/aitrain-1\n")
     write(tmp_path, "proc/4242/cgroup", "12:memory:/slurm/job_7\n4:cpu,cpuacct:/slurm/job_7\n1:name=systemd:/x\n")
     write(tmp_path, "cg/cgroup.controllers", "cpu memory io\n")

@@ -8,14 +8,15 @@ job leaves no actor or placement group behind.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -94,7 +95,7 @@ class LocalHead:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         return env
 
-    def up(self) -> "LocalHead":
+    def up(self) -> LocalHead:
         ray_stop()
         # Token auth on (a token is created if this machine has none), as `ray start --head`
         # does wherever a token exists: clients must cope with it.
@@ -182,7 +183,7 @@ class NetnsRay:
     def client(self) -> str:
         return f"ray://{self.head.mgmt_ip}:10001"
 
-    def up(self) -> "NetnsRay":
+    def up(self) -> NetnsRay:
         ray_stop()
         self.rig.up()
         env = dict(base_env(), **SLOW_HEAD_ENV)

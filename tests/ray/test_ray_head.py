@@ -16,9 +16,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import REPO, TINY, LocalHead, aitrain, leftovers  # noqa: E402
-
 from aitrain_testing import alive, up_or_skip, wait_until  # noqa: E402
+from raycluster import REPO, TINY, LocalHead, aitrain, leftovers  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FAIL_SCRIPT = REPO / "tests" / "scripts" / "fail_rank.py"
@@ -134,11 +133,11 @@ def test_notebook_submits_follows_cancels_and_leaves_a_job_running(head: LocalHe
     # The kernel is gone now: the last job, submitted through the Jobs API, still finishes.
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "[rank0 node0]:step 10/10" in text  # logs(follow=True) printed the ray:// job's lines
-    assert "STOPPED" in text
+    assert "CANCELLED" in text
     handle = nb.cells[-1].outputs[0]["text"].strip()
     assert handle.startswith("ray://")
     env = head.env(tmp_path)
     st = wait_until(lambda: (s := json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout))["state"]
-                  in ("SUCCEEDED", "FAILED", "STOPPED") and s, 180, "the job the notebook left running", poll=0.5)
+                  in ("SUCCEEDED", "FAILED", "CANCELLED") and s, 180, "the job the notebook left running", poll=0.5)
     assert st["state"] == "SUCCEEDED", st
     assert_nothing_left(head)

@@ -16,9 +16,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import TINY, NetnsRay, aitrain, base_env, netns_ray_cluster  # noqa: E402
-
 import netns_rig  # noqa: E402
+from raycluster import TINY, NetnsRay, aitrain, base_env, netns_ray_cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns, pytest.mark.timeout(600)]
 

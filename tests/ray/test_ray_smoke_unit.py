@@ -17,8 +17,8 @@ import pytest
 pytest.importorskip("ray")
 
 from aitrain.errors import FabricError  # noqa: E402
-from aitrain.launcher.ray_group import NodesExcluded, RankGroup  # noqa: E402
-from aitrain.launcher.ray_worker import RankActor  # noqa: E402
+from aitrain.launcher.backends.ray.group import NodesExcluded, RankGroup  # noqa: E402
+from aitrain.launcher.backends.ray.worker import RankActor  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,7 +135,8 @@ def make_group(tmp_path: Path, n: int, *, silent: int | None = None, down: int |
     SILENT.clear()
     SILENT.update(x.label for x in nodes if x.silent)
     group.actors = nodes
-    group.tuned = {f"node{i}": {"interface": "fab0", "address": f"10.0.2.{i + 1}", "env": {"GLOO_SOCKET_IFNAME": "fab0"}}
+    group.tuned = {f"node{i}": {"interface": "fab0", "address": f"10.0.2.{i + 1}",
+                                "env": {"GLOO_SOCKET_IFNAME": "fab0"}}
                    for i in range(n)}
     group.node_env = {i: {"GLOO_SOCKET_IFNAME": "fab0"} for i in range(n)}
     return group, nodes

@@ -4,6 +4,7 @@ rank actor's process handling (a plain class: run here with real child processes
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -13,24 +14,25 @@ import pytest
 
 pytest.importorskip("ray")
 
-from raycluster import aitrain, base_env  # noqa: E402
-
-from aitrain_testing import alive  # noqa: E402
-
 from aitrain.errors import BackendError, ConfigError  # noqa: E402
+from aitrain.launcher.backends.api import JobState, Outcome  # noqa: E402
 from aitrain.launcher.backends.ray import (  # noqa: E402
     RayBackend,
     connection_error,
     ensure_token_auth,
-    entrypoint_argv,
-    failures_from_logs,
     parse_address,
     parse_handle,
 )
-from aitrain.launcher.config import BACKEND_SCHEMAS, RayBackendConfig, check_key  # noqa: E402
-from aitrain.launcher.ray_group import RankConsole, node_bundles, rank_slots  # noqa: E402
-from aitrain.launcher.ray_submit import hydra_value  # noqa: E402
-from aitrain.launcher.ray_worker import RankActor, warm_compatible  # noqa: E402
+from aitrain.launcher.backends.ray.group import RankConsole, node_bundles, rank_slots  # noqa: E402
+from aitrain.launcher.backends.ray.jobs_api import OUTCOME_LINE, outcome_from_logs  # noqa: E402
+from aitrain.launcher.backends.ray.worker import RankActor, warm_compatible  # noqa: E402
+from aitrain.launcher.config import BACKEND_SCHEMAS, JobConfig, RayBackendConfig, check_key  # noqa: E402
+from aitrain.launcher.failures import RankExit, describe, root_cause_first  # noqa: E402
+from aitrain.launcher.job import relaunch_argv  # noqa: E402
+from aitrain.launcher.submit import hydra_value  # noqa: E402
+
+from aitrain_testing import alive  # noqa: E402
+from raycluster import aitrain, base_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -88,7 +90,8 @@ SERVER_TRACEBACK = ("Initialization failure from server:\nTraceback (most recent
 def test_a_server_side_client_failure_names_its_reason_and_is_tried_once_more(
         capsys: pytest.CaptureFixture[str]) -> None:
     err = connection_error(parse_address("ray://h:10001", {}), ConnectionAbortedError(SERVER_TRACEBACK))
-    assert "Proxy failed to Connect to backend" in err.message and "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S" in err.hint
+    assert "Proxy failed to Connect to backend" in err.message
+    assert err.hint is not None and "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S" in err.hint
 
     class FlakyRay:
         calls = 0
@@ -124,11 +127,20 @@ def test_handles() -> None:
     assert parse_handle("raysubmit_x", {}) == ("127.0.0.1:8265", "raysubmit_x")
     with pytest.raises(ConfigError):
         parse_handle("slurm://c/12")
-    from aitrain.launcher.cli_jobs import backend_for
+    from aitrain.launcher.backends import backend_for_handle
 
-    assert isinstance(backend_for("ray://h:8265/raysubmit_x"), RayBackend)
+    assert isinstance(backend_for_handle("ray://h:8265/raysubmit_x"), RayBackend)
     with pytest.raises(ConfigError, match="ray://"):
-        backend_for("nope://x")
+        backend_for_handle("nope://x")
+
+
+def entrypoint_argv(overrides: list[str], *, python: str, run_dir: str, run_root: str) -> list[str]:
+    """The Jobs API entrypoint as plan_job computes it for backend=ray with an http:// address."""
+    job = JobConfig()
+    job.backend = RayBackendConfig(address="http://h:8265")
+    job.run_root = run_root
+    replace, default = RayBackend(environ={}).relaunch_settings(job)
+    return relaunch_argv(overrides, python=python, run_dir=Path(run_dir), replace=replace, default=default)
 
 
 def test_entrypoint_reruns_the_same_job_on_the_cluster() -> None:
@@ -139,7 +151,7 @@ def test_entrypoint_reruns_the_same_job_on_the_cluster() -> None:
     assert "dry_run=true" not in argv and "backend.address=http://h:8265" not in argv
     assert "tracking.run_name='a b'" in argv
     with pytest.raises(ConfigError):
-        entrypoint_argv(["a=\nb"], python="/py")
+        entrypoint_argv(["a=\nb"], python="/py", run_dir="/r/d", run_root="/r")
 
 
 def test_placement_and_resources() -> None:
@@ -163,11 +175,19 @@ def test_console_prefix_carries_rank_and_node() -> None:
     assert out.getvalue() == "[rank3 node1]:hello\n[rank0 node0]:oops\n"
 
 
+def failed_outcome_line(*exits: RankExit) -> str:
+    """The driver's last line inside a Ray job (what run_job prints there)."""
+    outcome = Outcome(JobState.FAILED, 1, describe(exits), "", tuple(root_cause_first(exits)))
+    return OUTCOME_LINE + json.dumps(outcome.to_dict())
+
+
 def test_failures_are_read_back_from_the_driver_output() -> None:
     text = ("[rank0 node0]:x\naitrain: error: the job failed: rank 1 on node1 exited with code 1\n"
-            "also: rank 0 on node0 was killed by SIGTERM\n")
-    f = failures_from_logs(text)
-    assert [(x["rank"], x["node"]) for x in f] == [(1, "node1"), (0, "node0")]
+            + failed_outcome_line(RankExit(0, node="node0", signal="SIGTERM", ended_at=2.0),
+                                  RankExit(1, node="node1", exit_code=1, ended_at=1.0)) + "\n")
+    outcome = outcome_from_logs(text)
+    assert outcome is not None
+    assert [(x.rank, x.node) for x in outcome.failures] == [(1, "node1"), (0, "node0")]
 
 
 def test_hydra_values() -> None:
@@ -182,7 +202,7 @@ def test_import_aitrain_stays_light_and_submit_checks_overrides(tmp_path: Path) 
             "heavy = [m for m in ('ray', 'torch', 'hydra', 'mlflow') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
             "assert callable(aitrain.submit) and aitrain.Job\n"
-            "for bad in (['train.lrr=1'], ['backend=local']):\n"
+            "for bad in (['train.lrr=1'], ['backend=nope']):\n"
             "    try:\n"
             "        aitrain.submit(bad)\n"
             "    except aitrain.ConfigError as e:\n"
@@ -190,7 +210,7 @@ def test_import_aitrain_stays_light_and_submit_checks_overrides(tmp_path: Path) 
             "print('ray' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["rejected", "['train.lrr=1']", "rejected", "['backend=local']", "False"]
+    assert r.stdout.split() == ["rejected", "['train.lrr=1']", "rejected", "['backend=nope']", "False"]
 
 
 def test_dry_run_prints_the_plan_without_ray(tmp_path: Path) -> None:
@@ -305,7 +325,8 @@ class FakeJobs:
 
 def test_status_logs_cancel_through_the_jobs_api() -> None:
     logs = ("aitrain: 2 rank(s), strategy ddp, backend ray; run dir /r/d\n[rank0 node0]:step 1/9\n"
-            "[rank1 node1]:x\naitrain: error: the job failed: rank 1 on node1 exited with code 2\n")
+            "[rank1 node1]:x\naitrain: error: the job failed: rank 1 on node1 exited with code 2\n"
+            + failed_outcome_line(RankExit(1, node="node1", exit_code=2)) + "\n")
     fake = FakeJobs("FAILED", logs)
     b = RayBackend(jobs_client=lambda dashboard: fake)
     st = b.status("ray://h:8265/raysubmit_x")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv, alive, all_gone, run_aitrain, wait_until
-
 from aitrain.launcher.resources import CgroupUnavailable, JobCgroup, find_cgroups
+
+from aitrain_testing import REPO, aitrain_argv, alive, all_gone, run_aitrain, wait_until
 
 PROBE = REPO / "tests" / "resources" / "scripts" / "rank_probe.py"
 LEAN = ["tracking=none", "fabric=off", f"script={PROBE}"]

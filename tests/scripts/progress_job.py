@@ -3,7 +3,8 @@ reports, rank 0's metrics spool, and switches (env) to hang or pause it.
 
     STEPS=30 STEP_SLEEP=0.05       steps and the pause in each
     HANG_RANK=1 HANG_STEP=3        that rank sleeps before the collective of that step; the others wait in it
-    GATE_DIR=d GATE_STEPS=10,20    after those steps rank 0 waits for the file d/gate<step> (the others wait in the collective)
+    GATE_DIR=d GATE_STEPS=10,20    after those steps rank 0 waits for the file d/gate<step>
+                                   (the others wait in the collective)
 """
 
 import os

@@ -97,7 +97,7 @@ def test_two_node_job_from_a_login_node(strategy: str, tmp_path: Path, env: dict
     assert handle.startswith("slurm://aitslm/")
     st = wait_done(handle, tmp_path, env)
     out = job_output(st)
-    assert st["state"] == "COMPLETED", out
+    assert st["state"] == "SUCCEEDED", out
     assert "[rank1]:" in out or "rank1" in out
     runs, client = mlflow_runs(tmp_path)
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
@@ -124,7 +124,7 @@ def test_wrapper_script_with_sbatch(tmp_path: Path, env: dict[str, str]) -> None
     jobid = r.stdout.strip().split(";")[0]
     st = wait_done(jobid, tmp_path, env)
     out = (tmp_path / f"aitrain-{jobid}.out").read_text()
-    assert st["state"] == "COMPLETED", out
+    assert st["state"] == "SUCCEEDED", out
     assert "step 5/5" in out
 
 
@@ -162,7 +162,7 @@ def test_override_with_shell_metacharacters_arrives_unchanged(tmp_path: Path, en
     nasty = "run a;b $(touch /tmp/aitrain-slurm-pwned) `id` & 'x'"
     handle = submit([f'tracking.run_name="{nasty}"', "train.steps=2", *TINY], tmp_path, env)
     st = wait_done(handle, tmp_path, env)
-    assert st["state"] == "COMPLETED", job_output(st)
+    assert st["state"] == "SUCCEEDED", job_output(st)
     runs, _ = mlflow_runs(tmp_path)
     assert runs[0].info.run_name == nasty
     assert not Path("/tmp/aitrain-slurm-pwned").exists()
@@ -178,7 +178,7 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, 
     subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
     st = wait_done(handle, tmp_path, env, timeout=400)
     out = job_output(st)
-    assert st["state"] == "COMPLETED", out[-3000:]
+    assert st["state"] == "SUCCEEDED", out[-3000:]
     assert st["restarts"] == 1
     assert "stopping at step" in out and "requeueing job" in out
     stopped = int(out.split("stopping at step ")[1].split()[0])
@@ -218,7 +218,7 @@ def test_smoke_gate_names_a_silently_broken_node_and_launches_without_it(tmp_pat
         handle = next(w for w in r.stdout.split() if w.startswith("slurm://"))
         st = wait_done(handle, tmp_path, env, timeout=300)
         out = job_output(st)
-        assert st["state"] == "COMPLETED", out[-3000:]
+        assert st["state"] == "SUCCEEDED", out[-3000:]
         assert "node3" in out and "launching on the other 2 node(s)" in out
         runs, _ = mlflow_runs(tmp_path)
         tags = runs[0].data.tags

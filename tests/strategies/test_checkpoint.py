@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from losses_reference import reference_losses, run_losses, tiny_overrides
 
 from aitrain.errors import ConfigError
 from aitrain.strategies import checkpoint as ckpt
+
 from aitrain_testing import run_aitrain
+from losses_reference import reference_losses, run_losses, tiny_overrides
 
 HERE = Path(__file__).parent
 

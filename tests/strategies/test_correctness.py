@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from losses_reference import reference_losses, run_losses, tiny_overrides
 
 from aitrain_testing import run_aitrain
+from losses_reference import reference_losses, run_losses, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

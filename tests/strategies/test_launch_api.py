@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-from losses_reference import tiny_overrides
 
 from aitrain.strategies import checkpoint as ckpt
+
 from aitrain_testing import run_aitrain
+from losses_reference import tiny_overrides
 
 HERE = Path(__file__).parent
 pytestmark = pytest.mark.timeout(300)

@@ -9,8 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import netns_rig
 import pytest
+
+import netns_rig
 
 REPO = Path(__file__).resolve().parents[2]
 CC = Path("/proc/sys/net/ipv4/tcp_congestion_control")

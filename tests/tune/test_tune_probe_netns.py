@@ -7,12 +7,13 @@ import json
 import subprocess
 import sys
 
-import hostbuilder
 import pytest
 
 from aitrain.fabric.probe.fs import Root
 from aitrain.fabric.probe.net import read_nics
 from aitrain.fabric.probe.netns import IFF_RUNNING, IFF_UP, KernelLink, read_kernel_links, reconcile_nics
+
+import hostbuilder
 
 UP = IFF_UP | IFF_RUNNING
 

@@ -9,10 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from rig_helpers import delta, rx_tx_bytes
 
 from aitrain.fabric.tune import tune
-from aitrain.launcher.fabric_nodes import (
+from aitrain.launcher.nodes import (
     apply_tuned,
     netns_node,
     probe_node,
@@ -20,6 +19,8 @@ from aitrain.launcher.fabric_nodes import (
     smoke_gate,
     smoke_test,
 )
+
+from rig_helpers import delta, rx_tx_bytes
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

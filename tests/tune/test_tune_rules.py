@@ -6,7 +6,6 @@ import copy
 import json
 from pathlib import Path
 
-import hostbuilder
 import pytest
 
 from aitrain.errors import FabricError
@@ -36,6 +35,8 @@ from aitrain.fabric.tune import (
     tune,
     user_env_from,
 )
+
+import hostbuilder
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "fabric"
 

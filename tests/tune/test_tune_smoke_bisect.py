@@ -95,7 +95,7 @@ def test_runner_must_answer_every_group():
 
 def _gate(bad=(), suspects=(), ok=False, exclude=False, min_nodes=1, precheck=None, flaky=False):
     from aitrain.fabric.smoke import BisectResult
-    from aitrain.launcher.fabric_nodes import Node, NodesRun, SmokeReport, decide_after_smoke
+    from aitrain.launcher.nodes import Node, NodesRun, SmokeReport, decide_after_smoke
 
     nodes = [Node(name=n) for n in nodes_list]
     report = SmokeReport(nodes=list(nodes_list), precheck=dict(precheck or {}))

@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import AitrainError, FabricError
 
@@ -160,7 +161,7 @@ def _table(headers: Sequence[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [list(headers), *rows]) for i in range(len(headers) - 1)]
     lines = []
     for row in [list(headers), *rows]:
-        cells = [str(c).ljust(w) for c, w in zip(row, widths)] + [str(row[-1])]
+        cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + [str(row[-1])]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 

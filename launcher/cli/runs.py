@@ -184,7 +184,7 @@ def _seconds(v: float | None) -> str:
 
 def _render(table: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in table)
 
 
 # -- compare --------------------------------------------------------------------------

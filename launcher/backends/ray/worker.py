@@ -100,22 +100,16 @@ class RankActor:
                 "actor_id": ctx.get_actor_id(), "python": sys.executable, "cwd": os.getcwd()}
 
     def probe(self, name: str) -> dict[str, Any]:
-        """This node's fabric (``aitrain fabric probe``), the host named ``name``, with its
-        ``aitrain host check`` findings (``host_findings``)."""
-        from aitrain.fabric import probe
-        from aitrain.fabric.host import HostPaths, check_host
+        """This node's probe document (what ``python -m aitrain.fabric.probe --host-check``
+        prints), the host named ``name``."""
+        from aitrain.fabric.node import node_document
 
-        doc = probe(hostname=name).to_dict()
-        try:
-            doc["host_findings"] = [f.to_dict() for f in check_host(HostPaths(), host=name)]
-        except Exception:  # noqa: BLE001 - the host check is advice; the probe is what the job needs
-            doc["host_findings"] = []
-        return doc
+        return node_document(hostname=name, host_check=True)
 
     def free_port(self, address: str) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((address, 0))
-            return int(s.getsockname()[1])
+        from aitrain.launcher.util import free_port
+
+        return free_port(address)
 
     # -- short programs before the rank (the pre-launch smoke all_reduce) -------------
 
@@ -205,7 +199,7 @@ class RankActor:
         def run() -> None:
             try:
                 self._warm = subprocess.Popen(
-                    [sys.executable, "-u", "-m", "aitrain.launcher.ray_worker", "--warm"],
+                    [sys.executable, "-u", "-m", "aitrain.launcher.backends.ray.worker", "--warm"],
                     env={**self._warm_env, WARM_IMPORTS_ENV: self._warm_imports},
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_child_setup)
             except OSError:
@@ -381,12 +375,11 @@ def _program(argv: list[str]) -> tuple[str, str, list[str]] | None:
 
 
 def warm_main() -> int:
-    """``python -m aitrain.launcher.ray_worker --warm``: import torch, then run the rank program
+    """``python -m aitrain.launcher.backends.ray.worker --warm``: import torch, then run the rank program
     the actor sends on stdin (``{"argv", "env", "cwd"}``) as ``python`` would."""
+    import importlib
     import json
     import runpy
-
-    import importlib
     import select
 
     # The slow part, done while the driver probes and tunes: torch, then (unless the rank's

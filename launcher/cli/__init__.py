@@ -1,11 +1,12 @@
-"""The ``aitrain`` command.
+"""The ``aitrain`` command: every argparse command and all rendering live in this package.
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers)`` and
-``run(args) -> int``; modules are imported when the command line needs them,
-so ``aitrain --help`` stays fast (no torch, ray or mlflow import).
+Each subcommand module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; modules
+are imported when the command line needs them, so ``aitrain --help`` stays fast (no torch,
+ray or mlflow import).
 
-``aitrain launch`` is special: everything after it goes to Hydra untouched
-(overrides, ``-m``, ``--cfg job``, ``--help``).
+``aitrain launch`` is special (:mod:`.launch`): everything after it goes to Hydra
+(overrides, ``-m``, ``--cfg job``, ``--help``), which is the edge where the config becomes
+the dataclasses the rest of aitrain sees.
 """
 
 from __future__ import annotations
@@ -14,20 +15,21 @@ import argparse
 import importlib
 import importlib.util
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from aitrain import __version__
 from aitrain.errors import AitrainError
 
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "launch": ("aitrain.launcher.cli_launch", "compose a job with Hydra overrides and run it"),
-    "fabric": ("aitrain.launcher.cli_fabric", "probe, check and tune the network fabric"),
-    "host": ("aitrain.launcher.cli_host", "check and tune host kernel settings and limits"),
-    "status": ("aitrain.launcher.cli_jobs", "state of a submitted job"),
-    "logs": ("aitrain.launcher.cli_jobs", "output of a submitted job"),
-    "cancel": ("aitrain.launcher.cli_jobs", "cancel a submitted job"),
-    "runs": ("aitrain.launcher.cli_runs", "recent launches from MLflow; compare two runs; replay a spool"),
+    "launch": ("aitrain.launcher.cli.launch", "compose a job with Hydra overrides and run it"),
+    "fabric": ("aitrain.launcher.cli.fabric", "probe, check and tune the network fabric"),
+    "host": ("aitrain.launcher.cli.host", "check and tune host kernel settings and limits"),
+    "list": ("aitrain.launcher.cli.jobs", "jobs launched from this machine, every backend, with their state"),
+    "status": ("aitrain.launcher.cli.jobs", "state of a job by its handle"),
+    "logs": ("aitrain.launcher.cli.jobs", "output of a job by its handle"),
+    "cancel": ("aitrain.launcher.cli.jobs", "cancel a job by its handle"),
+    "runs": ("aitrain.launcher.cli.runs", "recent launches from MLflow; compare two runs; replay a spool"),
 }
 
 EPILOG = """examples:
@@ -36,6 +38,8 @@ EPILOG = """examples:
   aitrain launch strategy=fsdp dry_run=true       print the plan, start nothing
   aitrain launch --help                           config groups and options
   aitrain fabric check --json                     validate this host's fabric
+  aitrain list                                    jobs launched from here and their state
+  aitrain status HANDLE | logs HANDLE -f | cancel HANDLE
 """
 
 
@@ -71,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "launch":
-            from aitrain.launcher.cli_launch import run_launch
+            from aitrain.launcher.cli.launch import run_launch
 
             return run_launch(argv[1:])
         parser = build_parser()

@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from aitrain.errors import FabricError
 from aitrain.fabric.topology import HostTopology
 from aitrain.launcher.agent import AgentRequest, AgentResult
 from aitrain.launcher.supervise import set_parent_death_signal
+from aitrain.launcher.util import random_port
 
 if TYPE_CHECKING:
-    import argparse
-
     from aitrain.fabric.tune import TunedEnv
 
 NETNS_DIR = "/var/run/netns"
@@ -56,19 +55,22 @@ def netns_node(namespace: str, address: str | None = None, env: dict[str, str] |
     return Node(name=namespace, address=address, prefix=["nsenter", f"--net={path}"], env=dict(env or {}))
 
 
-_PROBE_CODE = (
-    "import json,sys\n"
-    "from aitrain.fabric import probe\n"
-    "t=probe(rendezvous=sys.argv[2] or None, hostname=sys.argv[1] or None)\n"
-    "print(json.dumps(t.to_dict()))\n"
-)
+def probe_argv(*, hostname: str | None = None, rendezvous: str | None = None, host_check: bool = False,
+               cache: bool = False, python: str | None = None) -> list[str]:
+    """The command that prints a node's probe document (``aitrain.fabric``'s entry point)."""
+    argv = [python or sys.executable, "-m", "aitrain.fabric.probe"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    if rendezvous:
+        argv += ["--rendezvous", rendezvous]
+    return argv + (["--host-check"] if host_check else []) + (["--cache"] if cache else [])
 
 
 def probe_node(node: Node, rendezvous: str | None = None, timeout: float = 120.0,
                hostname: str | None = None) -> HostTopology:
     """Probe a node by running the probe there; the host is named after the node
     unless ``hostname`` says otherwise (rig namespaces share one hostname)."""
-    argv = [*node.prefix, sys.executable, "-c", _PROBE_CODE, hostname or node.name, rendezvous or ""]
+    argv = [*node.prefix, *probe_argv(hostname=hostname or node.name, rendezvous=rendezvous)]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -116,18 +118,13 @@ class _Started:
         self.t0 = time.monotonic()
 
 
-def _free_port() -> int:
-    # Each namespace has its own port space; a random high port is free in practice.
-    return random.randint(20000, 45000)
-
-
 def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeout: float,
            run_dir: Path, master_port: int | None, env: dict[str, str] | None,
            rdzv_timeout: float | None = None) -> _Started:
     if not nodes:
         raise FabricError("no nodes to run on", "pass at least one node")
     master = nodes[0].address or "127.0.0.1"
-    port = master_port or _free_port()
+    port = master_port or random_port()
     run_id = f"aitrain-{uuid.uuid4().hex[:8]}"
     run_dir.mkdir(parents=True, exist_ok=True)
     procs, reqs = [], []
@@ -141,6 +138,9 @@ def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeo
             env=node_env, nnodes=len(nodes), node_rank=i,
             rdzv_timeout=max(5, int(rdzv_timeout if rdzv_timeout is not None else timeout)),
             shutdown_timeout=2,
+            # Its own node dir for everything the agent's services write (never a job's run dir,
+            # which AITRAIN_RUN_DIR in the env may name).
+            services={"run_dir": str(node_dir), "node": node.name},
         )
         req_file = node_dir / "request.json"
         req_file.write_text(req.to_json())
@@ -176,7 +176,7 @@ def _stop(started: _Started, grace: float = 4.0) -> None:
 def _finish(started: _Started, timed_out: bool) -> NodesRun:
     run = NodesRun(nodes=[n.name for n in started.nodes], timed_out=timed_out,
                    elapsed_s=time.monotonic() - started.t0, run_dir=str(started.run_dir))
-    for node, proc, req in zip(started.nodes, started.procs, started.reqs):
+    for node, proc, req in zip(started.nodes, started.procs, started.reqs, strict=True):
         run.exit_codes[node.name] = proc.returncode
         run.results[node.name] = AgentResult.read(Path(req.result_file))
     run.ok = not timed_out and all(c == 0 for c in run.exit_codes.values())
@@ -251,7 +251,7 @@ def precheck_nodes(nodes: Sequence[Node], timeout: float = 30.0) -> dict[str, st
             [*node.prefix, sys.executable, "-m", "aitrain.fabric.bench_rank", "--mode", "precheck"],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     problems = {}
-    for node, proc in zip(nodes, procs):
+    for node, proc in zip(nodes, procs, strict=True):
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -296,7 +296,7 @@ class SmokeRunner:
         live = [g for g in groups if not set(g) & set(self.failed_precheck)]
         runs = self.run(live) if live else []
         self.runs.extend(runs)
-        by_group = {tuple(g): r.ok for g, r in zip(live, runs)}
+        by_group = {tuple(g): r.ok for g, r in zip(live, runs, strict=False)}
         return [by_group.get(tuple(g), False) for g in groups]
 
 
@@ -380,59 +380,6 @@ def smoke_over(names: Sequence[str], *, precheck: Callable[[list[str]], dict[str
     return report
 
 
-# --------------------------------------------------------------------------- CLI helpers
-
-
-def add_node_arguments(parser: "argparse.ArgumentParser") -> None:
-    g = parser.add_argument_group("nodes to run on (default: this host)")
-    g.add_argument("--netns", action="append", default=[], metavar="NS",
-                   help="a host of the test rig: a network namespace under /var/run/netns entered "
-                        "with nsenter --net (repeat, node 0 first)")
-    g.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
-                   help="ranks per node (default: 2 on this host, 1 per --netns node)")
-    g.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds one run of the rank program may take (default 120)")
-
-
-def parse_env_pairs(pairs: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise FabricError(f"--env {pair!r} is not NAME=value", "e.g. --env NCCL_IB_TC=106")
-        out[key] = value
-    return out
-
-
-def nodes_from_args(args: "argparse.Namespace") -> list[Node]:
-    """The nodes ``--netns`` names, or this host."""
-    import socket
-
-    if args.netns:
-        return [netns_node(ns) for ns in args.netns]
-    return [Node(name=socket.gethostname(), address="127.0.0.1")]
-
-
-def probe_nodes(nodes: Sequence[Node], rendezvous: str | None = None) -> list[HostTopology]:
-    """Probe every node (in its own namespace / host); this host directly."""
-    if len(nodes) == 1 and not nodes[0].prefix:
-        from aitrain.fabric.probe import probe
-
-        return [probe(rendezvous=rendezvous)]
-    return [probe_node(n, rendezvous) for n in nodes]
-
-
-def apply_tuned(nodes: Sequence[Node], tuned: dict[str, "TunedEnv"], hosts: Sequence[HostTopology]) -> None:
-    """Give each node its tuned env, and its address on the chosen interface."""
-    for node, host in zip(nodes, hosts):
-        t = tuned.get(host.hostname)
-        if t is None:
-            continue
-        node.env = dict(t.env)
-        if node.prefix and t.address:
-            node.address = t.address
-
-
 # --------------------------------------------------------------------------- launch gate
 
 
@@ -476,30 +423,12 @@ def smoke_gate(nodes: Sequence[Node], run_dir: str | os.PathLike[str], *, timeou
     return decide_after_smoke(nodes, report, exclude_bad_nodes=exclude_bad_nodes, min_nodes=min_nodes)
 
 
-# --------------------------------------------------------------------------- host checks of a job's nodes
-
-
-def host_findings(docs: dict[str, dict]) -> list:
-    """The ``host_findings`` of each node's probe (``aitrain fabric probe --json --host-check``),
-    each named after its node (hostnames may all be the same)."""
-    from aitrain.fabric.findings import Finding
-
-    return [Finding.from_dict({**d, "host": node}) for node, doc in docs.items()
-            for d in doc.get("host_findings") or []]
-
-
-def gate_host_findings(findings: list, on_error: str, where: str) -> None:
-    """Stop the launch on host-check errors unless ``fabric.on_error=warn``; otherwise one line
-    saying what was found (``where``: "on this host", "on 3 node(s)")."""
-    from aitrain.fabric.cache import summarize_errors
-    from aitrain.fabric.findings import Severity
-
-    errors = [f for f in findings if f.severity is Severity.ERROR]
-    warnings = [f for f in findings if f.severity is Severity.WARNING]
-    if errors and on_error != "warn":
-        raise FabricError(summarize_errors(errors, len({f.host for f in errors})),
-                          "fix them (each has its own hint), or launch anyway with fabric.on_error=warn")
-    if errors or warnings:
-        print(f"aitrain: preflight: {len(errors)} error(s), {len(warnings)} warning(s) {where} "
-              f"({', '.join(sorted({f.id for f in errors + warnings}))}); details: aitrain fabric check, "
-              "aitrain host check", flush=True)
+def apply_tuned(nodes: Sequence[Node], tuned: dict[str, TunedEnv], hosts: Sequence[HostTopology]) -> None:
+    """Give each node its tuned env, and its address on the chosen interface."""
+    for node, host in zip(nodes, hosts, strict=False):
+        t = tuned.get(host.hostname)
+        if t is None:
+            continue
+        node.env = dict(t.env)
+        if node.prefix and t.address:
+            node.address = t.address

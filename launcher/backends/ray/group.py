@@ -4,10 +4,11 @@ One attempt of a job (:class:`RankGroup`):
 
 1. a placement group with one bundle per node (``nproc_per_node`` x the per-worker
    resources), placed by ``backend.placement`` (spread | pack | strict_spread | strict_pack);
-2. one :class:`~aitrain.launcher.ray_worker.RankActor` per rank, ``nproc_per_node`` in
+2. one :class:`~aitrain.launcher.backends.ray.worker.RankActor` per rank, ``nproc_per_node`` in
    each node's bundle;
-3. the first actor on every Ray node probes that node's fabric (one Ray task per node);
-   ``fabric.check`` checks them and ``fabric.tune`` derives each node's env; the
+3. the pipeline (:mod:`aitrain.launcher.pipeline`) over the Ray nodes (:class:`RayNodes`):
+   the first actor on every Ray node probes that node's fabric, the nodes are checked and
+   tuned together, and on several nodes a smoke all_reduce runs between them; the
    rendezvous is node 0's address on its tuned interface (never a hostname: here it
    resolves to 127.0.0.1 on every node);
 4. every actor starts its rank (torch.distributed env + node env + job env), and the
@@ -16,31 +17,32 @@ One attempt of a job (:class:`RankGroup`):
    down: every rank is stopped, every actor killed, the placement group removed.
 
 ``backend.max_failures`` restarts (see :mod:`aitrain.launcher.backends.ray`) build a
-new group; the built-in job resumes from its latest checkpoint (``resume=auto``).
+new group; the built-in job resumes from its latest checkpoint (``resume=auto``). How each
+rank ended is a :class:`~aitrain.launcher.failures.RankExit`, root cause first.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from aitrain.errors import BackendError, JobFailedError
+from aitrain.errors import BackendError
+from aitrain.launcher.failures import RankExit, error_line, exit_from_status, root_cause_first
 from aitrain.launcher.node.logstream import Console, parse_ranks
+from aitrain.launcher.nodes import NodesRun, SmokeOutcome
+from aitrain.launcher.pipeline import NodeSet, Preflight, run_preflight, smoke_step
+from aitrain.launcher.util import write_atomic
 
 STRATEGIES = {"spread": "SPREAD", "pack": "PACK", "strict_spread": "STRICT_SPREAD", "strict_pack": "STRICT_PACK"}
 ACTOR_START_TIMEOUT_S = 180.0  # worker processes start, import aitrain, answer info()
 PROBE_TIMEOUT_S = 120.0
-# Errors a rank prints because a peer died first: collateral damage, not the root cause.
-COLLATERAL = re.compile(r"Connection closed by peer|Connection reset by peer|remote worker crashing|"
-                        r"killed by SIGTERM|killed by SIGKILL|interrupted by SIG|NCCL communicator was aborted|"
-                        r"Broken pipe|exited with code -15|exited with code -9", re.I)
 
 
 def node_name(node_rank: int) -> str:
@@ -92,19 +94,6 @@ class RankConsole(Console):
         (self.err if is_err else self.out).write(f"[{tag}]:{text}\n")
 
 
-@dataclass
-class Failure:
-    rank: int
-    node: str
-    message: str
-    at: float
-    tail: list[str] = field(default_factory=list)
-
-    @property
-    def collateral(self) -> bool:
-        return bool(COLLATERAL.search(self.message + "\n" + "\n".join(self.tail[-5:])))
-
-
 class NodesExcluded(Exception):
     """The smoke test proved Ray nodes bad and ``fabric.exclude_bad_nodes=true``: the backend
     places the job again without them (``job_nodes`` fewer job nodes; ``labels``: how the
@@ -123,29 +112,34 @@ class Interrupted(Exception):
 
 
 class RankGroup:
-    """One attempt: placement group, actors, probe and tune, ranks, output, teardown."""
+    """One attempt: placement group, actors, preflight, ranks, output, teardown."""
 
     def __init__(self, ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str],
                  files: dict[str, str], cwd: str | None, out: Callable[[str], None] | None = None,
-                 exclude_nodes: list[str] | None = None) -> None:
+                 exclude_nodes: list[str] | None = None, env: Mapping[str, str] | None = None,
+                 nnodes: int | None = None) -> None:
         self.ray, self.spec, self.opts, self.attempt = ray, spec, opts, attempt
         self.exclude_nodes = list(exclude_nodes or [])  # Ray node ids a smoke test proved bad
         self.argv, self.files, self.cwd = argv, files, cwd
+        self.env = dict(spec.env if env is None else env)  # the job env of every rank
+        self.nnodes = spec.nnodes if nnodes is None else nnodes  # fewer after bad nodes were left out
+        self.world_size = self.nnodes * spec.nproc_per_node
         self.say = out or (lambda s: print(s, flush=True))
-        self.slots = rank_slots(spec.nnodes, spec.nproc_per_node)
+        self.slots = rank_slots(self.nnodes, spec.nproc_per_node)
         self.pg: Any = None
         self.actors: list[Any] = []
         self.infos: list[dict[str, Any]] = []
         self.rendezvous: tuple[str, int] | None = None
         self.node_env: dict[int, dict[str, str]] = {}
         self.tuned: dict[str, dict[str, Any]] = {}  # Ray node name -> interface, address, env
+        self.reasons: dict[str, str] = {}
 
     # -- 1. placement -------------------------------------------------------------------
 
     def place(self) -> None:
         from ray.util.placement_group import placement_group
 
-        bundles = node_bundles(self.opts, self.spec.nnodes, self.spec.nproc_per_node)
+        bundles = node_bundles(self.opts, self.nnodes, self.spec.nproc_per_node)
         strategy = STRATEGIES[self.opts.placement]
         kwargs: dict[str, Any] = {}
         if self.exclude_nodes:
@@ -179,7 +173,7 @@ class RankGroup:
     def start_actors(self) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from aitrain.launcher.ray_worker import RankActor
+        from aitrain.launcher.backends.ray.worker import RankActor
 
         remote = self.ray.remote(RankActor)
         res = worker_resources(self.opts)
@@ -190,7 +184,7 @@ class RankGroup:
                 max_concurrency=4, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=s.node_rank),
-            ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.spec.env), True, self.warm_imports()))
+            ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.env), True, self.warm_imports()))
         try:
             self.infos = self.ray.get([a.info.remote() for a in self.actors], timeout=ACTOR_START_TIMEOUT_S)
         except self.ray.exceptions.GetTimeoutError:
@@ -208,18 +202,18 @@ class RankGroup:
             info["node_ip"] = ips.get(info["node_id"], info["node_ip"])
 
     def warm_imports(self) -> list[str]:
-        """What each rank's interpreter imports before its program runs (see ray_worker.warm_main)."""
+        """What each rank's interpreter imports before its program runs (see worker.warm_main)."""
         mods = ["torch", "torch.distributed", "torch._dynamo"]
         if self.argv[1:4] == ["-u", "-m", "aitrain.launcher.train"]:
             mods.append("aitrain.launcher.train")  # the built-in job's own imports (strategies, data)
         return mods
 
-    # -- 3. probe, check, tune --------------------------------------------------------------
+    # -- 3. the pipeline over the Ray nodes -------------------------------------------------
 
     def physical_nodes(self) -> list[tuple[str, list[int]]]:
         """Ray nodes in job order: (name, job node ranks on it). Named after their first job node."""
         order: dict[str, list[int]] = {}
-        for s, info in zip(self.slots, self.infos):
+        for s, info in zip(self.slots, self.infos, strict=False):
             ranks = order.setdefault(info["node_id"], [])
             if s.node_rank not in ranks:
                 ranks.append(s.node_rank)
@@ -228,128 +222,62 @@ class RankGroup:
     def describe_nodes(self) -> str:
         """``node0@10.0.0.1, node1@10.0.0.2``: each job node and the Ray node it landed on."""
         ips: dict[str, str] = {}
-        for s, info in zip(self.slots, self.infos):
+        for s, info in zip(self.slots, self.infos, strict=False):
             ips.setdefault(s.node, info["node_ip"])
         return ", ".join(f"{n}@{ip}" for n, ip in ips.items())
 
-    def tune(self) -> None:
-        cfg = self.spec.config
-        fabric = getattr(cfg, "fabric", None)
+    def preflight(self) -> Preflight:
+        """Probe, check, tune and smoke-test the Ray nodes (:func:`run_preflight`); raises
+        :class:`NodesExcluded` when the smoke test leaves nodes out."""
+        nodes = RayNodes(self)
+        pf = run_preflight(nodes, self.spec.config, job_env=self.env, run_dir=self.spec.run_dir)
+        self.adopt(pf)
+        if pf.hosts:
+            self._write_json("probe.json", {"hosts": [h.to_dict() for h in pf.hosts]})
+        self._exclude_if_needed(pf, nodes)
+        return pf
+
+    def adopt(self, pf: Preflight) -> None:
+        """The pipeline's tuned env and addresses for this group's nodes and ranks."""
         phys = self.physical_nodes()
-        first_actor = {s.node_rank: i for i, s in reversed(list(enumerate(self.slots)))}
-        if fabric is not None and not (fabric.check or fabric.tune):
-            # No fabric work: rendezvous on the address Ray knows node 0 by.
-            self.rendezvous = (self.infos[0]["node_ip"], 0)
-            self.node_env = {}
+        first = phys[0][0]
+        self.rendezvous = (pf.addresses.get(first) or self.infos[0]["node_ip"], 0)
+        self.tuned = {name: {"interface": pf.interfaces.get(name, ""), "address": pf.addresses.get(name, ""),
+                             "env": pf.node_env(name)} for name, _ in phys}
+        self.node_env = {r: pf.node_env(name) for name, ranks in phys for r in ranks}
+        self.reasons = dict(pf.reasons)
+
+    def _exclude_if_needed(self, pf: Preflight, nodes: RayNodes) -> None:
+        if not pf.excluded:
             return
-        from aitrain.fabric.topology import Cluster, HostTopology
+        phys = self.physical_nodes()
+        assert pf.smoke is not None
+        raise NodesExcluded(pf.smoke.message, [nodes.ray_node(n) for n in pf.excluded],
+                            sum(len(ranks) for name, ranks in phys if name in pf.excluded),
+                            labels=[nodes.label(n) for n in pf.excluded])
 
-        from aitrain.launcher.tracking import record_phase
-
-        t0 = time.perf_counter()
-        refs = [self.actors[first_actor[ranks[0]]].probe.remote(name) for name, ranks in phys]
-        try:
-            docs = self.ray.get(refs, timeout=PROBE_TIMEOUT_S)
-        except self.ray.exceptions.RayError as e:
-            raise BackendError(f"the fabric probe failed on a Ray node: {_first_line(e)}",
-                               "run `aitrain fabric probe` on that node to see why") from e
-        from aitrain.launcher.fabric_nodes import host_findings
-
-        host_checks = host_findings({name: doc for (name, _), doc in zip(phys, docs)})
-        hosts = []
-        for (name, _), doc in zip(phys, docs):
-            h = HostTopology.from_dict(doc)
-            h.hostname = name  # hostnames may all be the same (or resolve to 127.0.0.1)
-            hosts.append(h)
-        cluster = Cluster(hosts=hosts)
-        self._write_json("probe.json", {"hosts": [h.to_dict() for h in hosts]})
-        t1 = time.perf_counter()
-        if fabric is None or fabric.check:
-            self._check(cluster, fabric, host_checks)
-        t2 = time.perf_counter()
-        ranks_per_host = max(len(r) for _, r in phys) * self.spec.nproc_per_node
-        tuned = self._tune(cluster, fabric, multi_host=len(phys) > 1, nproc=ranks_per_host)
-        for name, seconds in (("probe", t1 - t0), ("check", t2 - t1), ("tune", time.perf_counter() - t2)):
-            record_phase(self.spec.run_dir, name, seconds)
-        first = tuned[phys[0][0]]
-        address = first.address or self.infos[0]["node_ip"]
-        if not first.address:
-            self.say(f"aitrain: no tuned interface address on {phys[0][0]}; rendezvous on Ray's node address "
-                     f"{address}")
-        self.rendezvous = (address, 0)
-        tune_on = fabric is None or fabric.tune
-        self.tuned = {name: {"interface": tuned[name].interface, "address": tuned[name].address,
-                             "env": dict(tuned[name].env) if tune_on else {}} for name, _ in phys}
-        for name, ranks in phys:
-            for r in ranks:
-                self.node_env[r] = dict(tuned[name].env) if tune_on else {}
-        if tune_on:
-            for name, _ in phys:
-                for k, why in tuned[name].reasons.items():
-                    self.spec.env_reasons.setdefault(k, f"{name}: {why}")
-
-    def _check(self, cluster: Any, fabric: Any, host_checks: list[Any] | None = None) -> None:
-        """Fabric and host checks across the Ray nodes; errors stop the job unless fabric.on_error=warn."""
-        from aitrain.fabric.cache import preflight
-        from aitrain.launcher.fabric_nodes import gate_host_findings
-
-        on_error = getattr(fabric, "on_error", "fail") if fabric is not None else "fail"
-        result = preflight(cluster.hosts, on_error=on_error,
-                           expected_rate_gbps=getattr(fabric, "expected_rate_gbps", None), use_cache=False)
-        findings = list(result.findings) + list(host_checks or [])
-        self._write_json("preflight.json", {"hosts": [h.to_dict() for h in cluster.hosts],
-                                            "findings": [f.to_dict() for f in findings]})
-        gate_host_findings(findings, on_error, f"on {len(cluster.hosts)} Ray node(s)")
-
-    def _tune(self, cluster: Any, fabric: Any, *, multi_host: bool, nproc: int) -> dict[str, Any]:
-        from aitrain.fabric.tune import tune_from_config
-
-        return tune_from_config(cluster, fabric, nproc_per_node=nproc, multi_host=multi_host,
-                                dist_backend=getattr(self.spec.config, "dist_backend", "auto"),
-                                trace_dir=str(self.spec.run_dir))
-
-    # -- 3b. the smoke all_reduce ------------------------------------------------------------
-
-    def smoke(self) -> Any:
-        """The pre-launch smoke all_reduce over the job's Ray nodes (one process per node, each
-        with its tuned env, rendezvous on the first node's tuned address), as for Slurm: on
-        failure bisection names the bad node(s); :class:`~aitrain.errors.FabricError` unless
-        ``fabric.exclude_bad_nodes=true`` lets the job go on without them. Returns the
-        :class:`~aitrain.launcher.fabric_nodes.SmokeOutcome`, or None when no smoke ran; raises
-        :class:`NodesExcluded` when nodes are to be left out."""
-        from aitrain.launcher.fabric_nodes import Node, decide_after_smoke, smoke_over
-        from aitrain.launcher.tracking import record_phase
-
+    def smoke(self) -> SmokeOutcome | None:
+        """The pre-launch smoke all_reduce alone, over the nodes as :attr:`tuned` has them: None
+        when no smoke runs; raises :class:`~aitrain.errors.FabricError` naming bad nodes, or
+        :class:`NodesExcluded` when ``fabric.exclude_bad_nodes=true`` leaves them out."""
         fabric = getattr(self.spec.config, "fabric", None)
         phys = self.physical_nodes()
         if len(phys) < 2 or (fabric is not None and not fabric.smoke):
             return None
-        t0 = time.perf_counter()
-        runner = RaySmokeRunner(self, timeout=float(getattr(fabric, "smoke_timeout_s", 30.0)))
-        names = list(runner.names)
-        report = smoke_over(names, precheck=runner.precheck, run_full=lambda ns: runner.run_groups([ns])[0],
-                            run_groups=runner.run_groups)
-        record_phase(self.spec.run_dir, "smoke_test", time.perf_counter() - t0)
-        self._write_json("smoke.json", {"ok": report.ok, "summary": report.describe(), "precheck": report.precheck,
-                                        "bad": report.bad, "suspects": report.suspects,
-                                        "ray_nodes": {n: runner.ray_node(n) for n in names},
-                                        "node_ips": {n: runner.node_ip(n) for n in names},
-                                        "bisect": report.bisect.to_dict() if report.bisect is not None else None})
-        outcome = decide_after_smoke([Node(name=n) for n in names], report,
-                                     exclude_bad_nodes=bool(getattr(fabric, "exclude_bad_nodes", False)))
-        if outcome.excluded:
-            excluded = {runner.names[n] for n in outcome.excluded}
-            raise NodesExcluded(outcome.message, [runner.ray_node(n) for n in outcome.excluded],
-                                sum(len(ranks) for name, ranks in phys if name in excluded),
-                                labels=list(outcome.excluded))
-        self.say(f"aitrain: ray: {outcome.message}")
-        return outcome
+        nodes = RayNodes(self)
+        names = [name for name, _ in phys]
+        pf = Preflight(nodes=names, env={n: dict((self.tuned.get(n) or {}).get("env") or {}) for n in names},
+                       addresses={n: str((self.tuned.get(n) or {}).get("address") or nodes.fallback_address(n))
+                                  for n in names})
+        smoke_step(pf, nodes, self.spec.config, self.env, self.spec.run_dir)
+        self._exclude_if_needed(pf, nodes)
+        return pf.smoke
 
     # -- 4. ranks ---------------------------------------------------------------------------
 
     def node_job_env(self, node_rank: int) -> dict[str, str]:
         """The job env, the node's tuned env, and ``fabric.env`` (which always wins)."""
-        env = dict(self.spec.env)
+        env = dict(self.env)
         env.update(self.node_env.get(node_rank, {}))
         for k, v in (getattr(self.spec.config, "fabric", None) and self.spec.config.fabric.env or {}).items():
             env[str(k)] = str(v)
@@ -360,9 +288,9 @@ class RankGroup:
         assert self.rendezvous is not None
         env = self.node_job_env(s.node_rank)
         env.update(
-            RANK=str(s.rank), LOCAL_RANK=str(s.local_rank), WORLD_SIZE=str(spec.world_size),
+            RANK=str(s.rank), LOCAL_RANK=str(s.local_rank), WORLD_SIZE=str(self.world_size),
             LOCAL_WORLD_SIZE=str(spec.nproc_per_node), GROUP_RANK=str(s.node_rank), NODE_RANK=str(s.node_rank),
-            ROLE_RANK=str(s.rank), ROLE_WORLD_SIZE=str(spec.world_size),
+            ROLE_RANK=str(s.rank), ROLE_WORLD_SIZE=str(self.world_size),
             MASTER_ADDR=self.rendezvous[0], MASTER_PORT=str(port),
             TORCHELASTIC_RUN_ID=f"{spec.name}-a{self.attempt}", TORCHELASTIC_RESTART_COUNT=str(self.attempt),
             TORCHELASTIC_MAX_RESTARTS=str(self.opts.max_failures),
@@ -371,7 +299,7 @@ class RankGroup:
         if self.opts.gpus_per_worker:
             # Every rank of a node sees all of that node's GPUs (LOCAL_RANK picks one), as under
             # torchrun; Ray would give each actor only its own, which breaks NCCL's P2P paths.
-            gpus = sorted({g for t, i in zip(self.slots, self.infos) if t.node_rank == s.node_rank
+            gpus = sorted({g for t, i in zip(self.slots, self.infos, strict=False) if t.node_rank == s.node_rank
                            for g in i["gpu_ids"]}, key=lambda g: (len(g), g))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         return env
@@ -382,7 +310,7 @@ class RankGroup:
         port = self.ray.get(self.actors[0].free_port.remote(addr), timeout=60)
         self.rendezvous = (addr, port)
         refs = []
-        for s, a in zip(self.slots, self.actors):
+        for s, a in zip(self.slots, self.actors, strict=True):
             log_file = self.spec.log_dir / s.node / f"rank{s.rank}.log"
             refs.append(a.start.remote(self.argv, self.rank_env(s, port), str(log_file), self.cwd, self.files,
                                        sys.executable))
@@ -394,63 +322,61 @@ class RankGroup:
         rows = [{"rank": s.rank, "node": s.node, "node_rank": s.node_rank, "local_rank": s.local_rank,
                  "ray_node_id": i["node_id"], "node_ip": i["node_ip"], "actor_id": i["actor_id"],
                  "worker_pid": i["pid"], "rank_pid": pid, "attempt": self.attempt}
-                for s, i, pid in zip(self.slots, self.infos, pids)]
+                for s, i, pid in zip(self.slots, self.infos, pids, strict=True)]
         self._write_json("ray-ranks.json", {"rendezvous": f"{addr}:{port}", "attempt": self.attempt,
                                             "ranks": rows, "placement_group": self.pg.id.hex(),
                                             "tuned": self.tuned})
 
     # -- 5. output and failures -----------------------------------------------------------------
 
-    def monitor(self) -> list[Failure]:
-        """Print every rank's lines until all ranks exit 0 (returns []) or one fails."""
+    def monitor(self) -> list[RankExit]:
+        """Print every rank's lines until all ranks exit 0 (returns []) or one fails (returns
+        the failed ranks, root cause first)."""
         cfg = self.spec.config
         log = getattr(cfg, "log", None)
         console = RankConsole({s.rank: s.node for s in self.slots},
                               ranks=parse_ranks(getattr(log, "ranks", "all")),
                               dedup=bool(getattr(log, "dedup", True)))
         pending = {a.poll.remote(0, 0.5): i for i, a in enumerate(self.actors)}
-        failures: list[Failure] = []
+        failed: list[RankExit] = []
         try:
-            while pending and not failures:
+            while pending and not failed:
                 ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=1.0)
                 console.tick()
                 for ref in ready:
                     i = pending.pop(ref)
                     r, failure = self._take(i, ref, console)
                     if failure is not None:
-                        failures.append(failure)
+                        failed.append(failure)
                     elif r["exit"] is None:  # still running: ask for the lines after these
                         pending[self.actors[i].poll.remote(r["cursor"], 0.5)] = i
-            if failures:
-                failures += self._drain(pending, console)
+            if failed:
+                failed += self._drain(pending, console)
         finally:
             console.close()
-        for f in failures:
-            if not f.tail:
-                f.tail = self._tail(f.rank)
-        failures.sort(key=lambda f: (f.collateral, f.at))
-        return failures
+        return root_cause_first(f if f.tail else _with_tail(f, self._tail(f.rank)) for f in failed)
 
-    def _drain(self, pending: dict[Any, int], console: Console, wait_s: float = 1.0) -> list[Failure]:
+    def _drain(self, pending: dict[Any, int], console: Console, wait_s: float = 1.0) -> list[RankExit]:
         """Other ranks that failed at about the same time (so the root cause can be told apart)."""
         ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=wait_s)
         taken = [self._take(pending.pop(ref), ref, console) for ref in ready]
         return [failure for _, failure in taken if failure is not None]
 
-    def _take(self, i: int, ref: Any, console: Console) -> tuple[dict[str, Any], Failure | None]:
-        """One answer of actor ``i``'s ``poll``: its lines printed; a Failure when the rank
+    def _take(self, i: int, ref: Any, console: Console) -> tuple[dict[str, Any], RankExit | None]:
+        """One answer of actor ``i``'s ``poll``: its lines printed; a RankExit when the rank
         exited non-zero or lost its Ray worker."""
         s = self.slots[i]
         try:
             r = self.ray.get(ref)
         except self.ray.exceptions.RayError as e:
-            return {}, Failure(s.rank, s.node, f"lost its Ray worker ({_first_line(e)})", time.time())
+            return {}, RankExit(s.rank, node=s.node, lost=f"lost its Ray worker ({_first_line(e)})",
+                                ended_at=time.time())
         if r["dropped"]:
             console.line(s.rank, f"[{r['dropped']} line(s) skipped; the full output is in the rank's log file]", True)
         for is_err, text in r["lines"]:
             console.line(s.rank, text, is_err)
         if r["exit"] not in (None, 0):
-            return r, Failure(s.rank, s.node, describe_exit(r["exit"]), r["exited_at"] or time.time())
+            return r, exit_from_status(s.rank, r["exit"], node=s.node, ended_at=r["exited_at"] or time.time())
         return r, None
 
     def _tail(self, rank: int) -> list[str]:
@@ -507,57 +433,74 @@ class RankGroup:
 
     def _write_json(self, name: str, doc: Any) -> None:
         try:
-            (self.spec.run_dir / name).write_text(json.dumps(doc, indent=1))
+            write_atomic(self.spec.run_dir / name, json.dumps(doc, indent=1))
         except OSError:
             pass
 
 
-class RaySmokeRunner:
-    """Runs ``bench_rank --mode smoke|precheck`` on the first actor of each named Ray node
-    (``node<k>``, as :meth:`RankGroup.physical_nodes` names them)."""
+def _with_tail(e: RankExit, tail: list[str]) -> RankExit:
+    from dataclasses import replace
+
+    return replace(e, tail=tuple(tail), error=e.error or error_line(tail))
+
+
+class RayNodes(NodeSet):
+    """A group's Ray nodes, as the pipeline reaches them: the first actor on each runs the
+    probe (in its process) and the smoke test's one process per node."""
 
     PRECHECK_TIMEOUT_S = 60.0
+    say = "aitrain: ray: "
 
-    def __init__(self, group: RankGroup, timeout: float) -> None:
-        from aitrain.launcher.fabric_nodes import SMOKE_STARTUP_S
-
-        self.group, self.ray, self.timeout = group, group.ray, timeout
-        self.deadline_s = timeout + SMOKE_STARTUP_S
+    def __init__(self, group: RankGroup) -> None:
+        self.group, self.ray = group, group.ray
+        phys = group.physical_nodes()
         first_actor = {s.node_rank: i for i, s in reversed(list(enumerate(group.slots)))}
-        # Nodes are named for the user as ``node<k>@<Ray's address of it>``: job node names
-        # follow placement, the address says which machine to fix or drain.
-        self.names: dict[str, str] = {}  # label -> job node name
-        self.actor_index: dict[str, int] = {}
-        self.node_rank: dict[str, int] = {}
-        for name, ranks in group.physical_nodes():
-            index = first_actor[ranks[0]]
-            label = f"{name}@{group.infos[index]['node_ip']}"
-            self.names[label], self.actor_index[label], self.node_rank[label] = name, index, ranks[0]
+        self.names = [name for name, _ in phys]
+        self.where = f"on {len(phys)} Ray node(s)"
+        self.ranks_per_node = max(len(r) for _, r in phys) * group.spec.nproc_per_node
+        self.actor_index = {name: first_actor[ranks[0]] for name, ranks in phys}
         self.calls = 0
+
+    def _info(self, name: str) -> dict[str, Any]:
+        return dict(self.group.infos[self.actor_index[name]])
 
     def actor(self, name: str) -> Any:
         return self.group.actors[self.actor_index[name]]
 
     def ray_node(self, name: str) -> str:
-        return str(self.group.infos[self.actor_index[name]]["node_id"])
+        return str(self._info(name)["node_id"])
 
-    def node_ip(self, name: str) -> str:
-        return str(self.group.infos[self.actor_index[name]]["node_ip"])
+    def fallback_address(self, name: str) -> str | None:
+        return str(self._info(name)["node_ip"])
 
-    def address(self, name: str) -> str:
-        tuned = self.group.tuned.get(self.names[name]) or {}
-        return str(tuned.get("address") or self.node_ip(name))
+    def label(self, name: str) -> str:
+        # Named for the user as ``node<k>@<Ray's address of it>``: job node names follow
+        # placement, the address says which machine to fix or drain.
+        return f"{name}@{self._info(name)['node_ip']}"
 
-    def env(self, name: str) -> dict[str, str]:
-        return {**self.group.node_job_env(self.node_rank[name]), "AITRAIN_NODE_NAME": self.names[name]}
+    def smoke_facts(self) -> dict[str, Any]:
+        return {"ray_nodes": {self.label(n): self.ray_node(n) for n in self.names},
+                "node_ips": {self.label(n): self.fallback_address(n) for n in self.names}}
 
-    def precheck(self, names: list[str]) -> dict[str, str]:
+    def probe(self, *, cache: bool = False, write_cache: bool = True) -> dict[str, dict[str, Any]]:
+        refs = [self.actor(name).probe.remote(name) for name in self.names]
+        try:
+            docs = self.ray.get(refs, timeout=PROBE_TIMEOUT_S)
+        except self.ray.exceptions.RayError as e:
+            raise BackendError(f"the fabric probe failed on a Ray node: {_first_line(e)}",
+                               "run `aitrain fabric probe` on that node to see why") from e
+        return dict(zip(self.names, docs, strict=True))
+
+    def _env(self, name: str, env: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        return {**env.get(name, {}), "AITRAIN_NODE_NAME": name}
+
+    def precheck(self, names: list[str], env: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
         """{node: problem} for nodes whose own socket interface is missing or down."""
         args = ["-m", "aitrain.fabric.bench_rank", "--mode", "precheck"]
-        refs = [self.actor(n).run_once.remote(f"precheck-{n}", args, self.env(n), self.PRECHECK_TIMEOUT_S)
+        refs = [self.actor(n).run_once.remote(f"precheck-{n}", args, self._env(n, env), self.PRECHECK_TIMEOUT_S)
                 for n in names]
         problems = {}
-        for n, ref in zip(names, refs):
+        for n, ref in zip(names, refs, strict=True):
             try:
                 r = self.ray.get(ref, timeout=self.PRECHECK_TIMEOUT_S + 30)
             except Exception as e:  # noqa: BLE001 - a dead actor or node is a bad node
@@ -569,13 +512,15 @@ class RaySmokeRunner:
                                                      else f"exit {r['exit']}")
         return problems
 
-    def run_groups(self, groups: list[list[str]]) -> list[Any]:
+    def run_groups(self, groups: list[list[str]], env: Mapping[str, Mapping[str, str]],
+                   addresses: Mapping[str, str], timeout: float, run_dir: Path) -> list[NodesRun]:
         """The smoke all_reduce over each group at once; a group is stopped at its first failure."""
         from aitrain.launcher.agent import AgentResult
-        from aitrain.launcher.fabric_nodes import NodesRun, smoke_argv
+        from aitrain.launcher.nodes import SMOKE_STARTUP_S, smoke_argv
 
         self.calls += 1
-        args = smoke_argv(self.timeout)[1:]  # the actor runs its own Python
+        deadline_s = timeout + SMOKE_STARTUP_S
+        args = smoke_argv(timeout)[1:]  # the actor runs its own Python
         t0 = time.monotonic()
         pending: dict[Any, tuple[int, str]] = {}
         keys, runs = [], []
@@ -583,22 +528,22 @@ class RaySmokeRunner:
             key = f"smoke-{self.calls}-{gi}"
             keys.append(key)
             runs.append(NodesRun(nodes=list(group), run_dir=str(self.group.spec.run_dir)))
-            master = self.address(group[0])
+            master = addresses.get(group[0]) or self.fallback_address(group[0]) or ""
             try:
                 port = int(self.ray.get(self.actor(group[0]).free_port.remote(master), timeout=60))
             except Exception as e:  # noqa: BLE001 - the first node cannot even bind its address
                 runs[gi].results[group[0]] = AgentResult(False, 1, f"cannot bind {master}: {_first_line(e)}")
                 continue
             for i, name in enumerate(group):
-                env = {**self.env(name), "RANK": str(i), "LOCAL_RANK": "0", "WORLD_SIZE": str(len(group)),
-                       "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(i), "MASTER_ADDR": master,
-                       "MASTER_PORT": str(port)}
-                ref = self.actor(name).run_once.remote(key, args, env, self.deadline_s)
+                rank_env = {**self._env(name, env), "RANK": str(i), "LOCAL_RANK": "0",
+                            "WORLD_SIZE": str(len(group)), "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(i),
+                            "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+                ref = self.actor(name).run_once.remote(key, args, rank_env, deadline_s)
                 pending[ref] = (gi, name)
         failed: set[int] = {gi for gi, r in enumerate(runs) if r.results}
         for gi in failed:
             self._stop(groups[gi], keys[gi])
-        deadline = t0 + self.deadline_s + 15
+        deadline = t0 + deadline_s + 15
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=max(0.1, deadline - time.monotonic()))
             if not ready:
@@ -617,9 +562,9 @@ class RaySmokeRunner:
                 if code != 0 and gi not in failed:
                     failed.add(gi)
                     self._stop(groups[gi], keys[gi])
-        for ref, (gi, name) in pending.items():  # past the deadline: stop whoever is left
+        for _ref, (gi, _name) in pending.items():  # past the deadline: stop whoever is left
             runs[gi].timed_out = True
-            runs[gi].exit_codes[name] = None
+            runs[gi].exit_codes[_name] = None
             self._stop(groups[gi], keys[gi])
         elapsed = time.monotonic() - t0
         for gi, run in enumerate(runs):
@@ -639,15 +584,6 @@ class RaySmokeRunner:
                 pass
 
 
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     for line in text.splitlines():
@@ -656,25 +592,17 @@ def _first_line(e: BaseException) -> str:
     return text[:500] or type(e).__name__
 
 
-def failure_message(failures: list[Failure]) -> str:
-    root = failures[0]
-    lines = [f"rank {root.rank} on {root.node} {root.message}"]
-    lines += [f"also: rank {f.rank} on {f.node} {f.message}" for f in failures[1:4]]
-    if root.tail:
-        lines.append(f"last lines of rank {root.rank}:")
-        lines += [f"  {t}" for t in root.tail[-15:]]
-    return "\n".join(lines)
-
-
-def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], files: dict[str, str],
-              cwd: str | None, exclude_nodes: list[str] | None = None) -> list[Failure]:
-    """One attempt, torn down whatever happens; returns its failures ([] when every rank exited 0).
+def run_group(ray: Any, request: Any, opts: Any, *, attempt: int, argv: list[str], files: dict[str, str],
+              cwd: str | None, exclude_nodes: list[str] | None = None, nnodes: int | None = None) -> list[RankExit]:
+    """One attempt, torn down whatever happens; returns its failed ranks ([] when every rank
+    exited 0), root cause first.
 
     SIGTERM/SIGHUP (``ray job stop``, ``Job.cancel()``) and Ctrl-C tear the group down and
     raise :class:`Interrupted` (or KeyboardInterrupt).
     """
+    spec = request.spec
     group = RankGroup(ray, spec, opts, attempt=attempt, argv=argv, files=files, cwd=cwd,
-                      exclude_nodes=exclude_nodes)
+                      exclude_nodes=exclude_nodes, env=request.env, nnodes=nnodes)
     old: dict[int, Any] = {}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -682,45 +610,32 @@ def run_group(ray: Any, spec: Any, opts: Any, *, attempt: int, argv: list[str], 
 
     main = threading.current_thread() is threading.main_thread()
     if main:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            old[sig] = signal.signal(sig, on_signal)
+        for stop_sig in (signal.SIGTERM, signal.SIGHUP):
+            old[int(stop_sig)] = signal.signal(stop_sig, on_signal)
     try:
         marks = [("start", time.time())]
         group.place()
         marks.append(("placement_group", time.time()))
         group.start_actors()
         marks.append(("actors", time.time()))
-        group.tune()
-        marks.append(("probe_tune", time.time()))
-        if group.smoke() is not None:
-            marks.append(("smoke", time.time()))
+        group.preflight()
+        request.env_reasons.update({k: v for k, v in group.reasons.items() if k not in request.env_reasons})
+        marks.append(("preflight", time.time()))
         group.start_ranks()
         marks.append(("ranks_started", time.time()))
         group.record_timings(marks)
         assert group.rendezvous is not None
-        group.say(f"aitrain: ray: {spec.world_size} rank(s) on {spec.nnodes} node(s) ({group.describe_nodes()}), "
+        group.say(f"aitrain: ray: {group.world_size} rank(s) on {group.nnodes} node(s) ({group.describe_nodes()}), "
                   f"rendezvous {group.rendezvous[0]}:{group.rendezvous[1]}, attempt {attempt + 1}")
         return group.monitor()
     finally:
         # Teardown must not be interrupted by a second signal (or a second Ctrl-C).
-        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *old)} if main else {}
+        held = {int(sig): signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *old)} if main else {}
         try:
             group.teardown()
         finally:
             for sig, h in held.items():
                 signal.signal(sig, old.get(sig, h))
-
-
-def raise_failed(failures: list[Failure], spec: Any, attempts: int) -> None:
-    root = failures[0]
-    code = 1
-    m = re.search(r"exited with code (\d+)", root.message)
-    if m:
-        code = int(m.group(1)) or 1
-    after = f" (after {attempts} attempt(s))" if attempts > 1 else ""
-    raise JobFailedError(f"the job failed{after}: {failure_message(failures)}",
-                         f"each rank's full output is under {spec.log_dir}/<node>/rank<N>.log on its node",
-                         exit_code=code)
 
 
 def job_config_for_attempt(config_file: Path, attempt: int, resume: str) -> tuple[Path, str]:

@@ -7,7 +7,8 @@ Pure functions returning strings; the CLI decides where they go. Colour follows
 from __future__ import annotations
 
 import os
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from aitrain.fabric.findings import Finding, Severity
 from aitrain.fabric.topology import HostTopology, distance_rank, gpu_nic_distances
@@ -65,9 +66,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], style: Style, i
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], _visible_len(cell))
-    lines = [indent + "  ".join(style(h.ljust(w), "bold") for h, w in zip(headers, widths)).rstrip()]
+    lines = [indent + "  ".join(style(h.ljust(w), "bold") for h, w in zip(headers, widths, strict=False)).rstrip()]
     for row in rows:
-        cells = [cell + " " * (w - _visible_len(cell)) for cell, w in zip(row, widths)]
+        cells = [cell + " " * (w - _visible_len(cell)) for cell, w in zip(row, widths, strict=False)]
         lines.append(indent + "  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -210,7 +211,7 @@ def render_findings(findings: Sequence[Finding], hosts: int, style: Style) -> st
         details.append((f.message, f.hint))
     header = table(["SEVERITY", "HOST", "SUBJECT", "ID"], rows, style).splitlines()
     out = [header[0]]
-    for line, (message, hint) in zip(header[1:], details):
+    for line, (message, hint) in zip(header[1:], details, strict=False):
         out.append(line)
         out.append(f"    {message}")
         if hint:

@@ -1,0 +1,292 @@
+"""``aitrain launch``: Hydra composes the job, a backend plans and runs it.
+
+Everything after ``launch`` is Hydra's command line (overrides, ``-m``, ``--cfg job``,
+``--help``), plus ``--json``. Two things happen before Hydra sees it:
+
+* ``+group=option`` for a group that is already in the defaults list
+  (``+strategy=fsdp``, what users type) becomes ``group=option``; Hydra alone
+  would fail with "Multiple values for strategy".
+* every ``key=value`` is checked against the typed schema, so a misspelt key
+  fails at once with the valid keys listed.
+
+Then, for each job: :func:`~aitrain.launcher.job.plan_job` (the frozen spec), the backend's
+``dryrun`` (the request), and either the plan printed (``dry_run=true``; composed without
+a Hydra run, so nothing is written anywhere), the job handed to a scheduler (``submit``:
+sbatch, the Ray Jobs API), or the job run here (:func:`~aitrain.launcher.driver.run_job`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aitrain.errors import AitrainError, ConfigError
+from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, register_configs, to_job_config, validate_overrides
+
+_ADD_GROUP = re.compile(r"^\+({})=".format("|".join(DEFAULT_GROUPS)))
+_FREE_FORM_KEY = re.compile(r"^({})\.[^=]+=".format("|".join(re.escape(p) for p in FREE_FORM)))
+CONFIG_MODULE = "aitrain.configs"
+
+_options = {"json": False}  # `--json`: the launch's result as one JSON object (last line of stdout)
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """``+strategy=fsdp`` -> ``strategy=fsdp`` for groups in the defaults list, and
+    ``fabric.env.X=v`` -> ``++fabric.env.X=v`` (free-form maps: add or override)."""
+    out = []
+    for a in argv:
+        a = _ADD_GROUP.sub(r"\1=", a)
+        if _FREE_FORM_KEY.match(a):
+            a = "++" + a
+        out.append(a)
+    return out
+
+
+def _quote_rank_list(arg: str) -> str:
+    """``log.ranks=0,3`` -> ``log.ranks='0,3'`` (Hydra would read the comma as a sweep)."""
+    key, sep, value = arg.partition("=")
+    if sep and key.lstrip("+~") == "log.ranks" and "," in value and value[:1] not in "'\"[":
+        return f"{key}='{value}'"
+    return arg
+
+
+_NO_AGENT_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "--info", "--resolve", "-i"}
+
+
+def _will_start_local_ranks(argv: list[str]) -> bool:
+    """Cheap guess, before any parsing, whether this launch will run ranks locally."""
+    if any(a in _NO_AGENT_FLAGS or a.startswith(("--cfg=", "--info=")) for a in argv):
+        return False
+    for a in argv:
+        key, _, value = a.lstrip("+~").partition("=")
+        if key == "dry_run" and value.lower() in ("true", "1", "yes"):
+            return False
+        if key == "backend" and value != "local":
+            return False
+    return True
+
+
+def run_launch(argv: list[str]) -> int:
+    from aitrain.launcher import agent
+
+    _options["json"] = "--json" in argv
+    argv = [_quote_rank_list(a) for a in normalize_overrides([a for a in argv if a != "--json"])]
+    if _will_start_local_ranks(argv):
+        # Let the node agent import torch on the other core while Hydra composes.
+        agent.prespawn()
+    try:
+        return _run_launch(argv)
+    finally:
+        agent.discard_prespawned()
+
+
+def _run_launch(argv: list[str]) -> int:
+    from hydra._internal.utils import get_args_parser
+
+    ns = get_args_parser().parse_args(argv)
+    if not (ns.help or ns.hydra_help):
+        validate_overrides(list(ns.overrides))
+    register_configs()
+    if _plain(ns) and _dry_run_requested(ns.overrides):
+        return _dry_run(list(ns.overrides), multirun=bool(ns.multirun))
+    _hydra_main(argv)
+    return 0
+
+
+def _plain(ns: Any) -> bool:
+    """A launch of jobs (not --help, --cfg, --info or shell completion)."""
+    return not (ns.help or ns.hydra_help or ns.cfg or ns.info or ns.shell_completion or ns.config_path
+                or ns.config_name or ns.config_dir or ns.experimental_rerun)
+
+
+def _dry_run_requested(overrides: Sequence[str]) -> bool:
+    value = None
+    for o in overrides:
+        key, sep, v = o.lstrip("+~").partition("=")
+        if sep and key == "dry_run":
+            value = v.strip().lower()
+    return value in ("true", "1", "yes", "on")
+
+
+def _hydra_main(argv: list[str]) -> None:
+    import hydra
+
+    @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
+    def _task(cfg: Any) -> None:
+        try:
+            code = launch(cfg)
+        except AitrainError as e:
+            print(f"aitrain: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(e.exit_code) from None
+        if code:
+            raise SystemExit(code)
+
+    saved = sys.argv
+    sys.argv = ["aitrain launch", *argv]
+    try:
+        _task()
+    finally:
+        sys.argv = saved
+
+
+# -- composing without a Hydra run (dry runs, aitrain.submit) ---------------------------------
+
+
+@contextmanager
+def composing() -> Iterator[None]:
+    """Hydra's compose API over aitrain's configs (no run dir, no logging set up)."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3", job_name="aitrain"):
+        yield
+
+
+def compose_job(overrides: Sequence[str], *, sweep_num: int | None = None) -> Any:
+    """One job's config, as ``aitrain launch`` composes it, with ``run_dir`` resolved to where
+    Hydra would put it (``hydra.run.dir``, or the sweep's ``dir/subdir`` for job ``sweep_num``).
+    Call inside :func:`composing`."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    try:
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    except AitrainError:
+        raise
+    except Exception as e:  # hydra's ConfigCompositionException, MissingConfigException ...
+        raise ConfigError(f"cannot compose the job: {e}", "check the overrides (`aitrain launch --help`)") from e
+    with open_dict(cfg):
+        if sweep_num is not None:
+            cfg.hydra.job.num = sweep_num
+            out = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        else:
+            out = Path(str(cfg.hydra.run.dir))
+        cfg.hydra.runtime.output_dir = str(out.absolute())
+        cfg.hydra.overrides.task = list(overrides)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs of a ``-m`` sweep as Hydra's basic sweeper makes them (one override list each)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    try:
+        return [list(job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
+    except Exception as e:  # a sweep only its own sweeper can expand (interval(), tag(), ...)
+        raise ConfigError(f"cannot expand this sweep for a dry run: {e}",
+                          "dry-run one job of it without -m, with the values spelled out") from e
+
+
+def _dry_run(overrides: list[str], *, multirun: bool) -> int:
+    jobs = sweep_jobs(overrides) if multirun else [overrides]
+    with composing():
+        for num, job_overrides in enumerate(jobs):
+            try:
+                code = launch(compose_job(job_overrides, sweep_num=num if multirun else None),
+                              overrides=job_overrides)
+            except AitrainError as e:
+                print(f"aitrain: error: {e}", file=sys.stderr, flush=True)
+                return e.exit_code
+            if code:
+                return code
+    return 0
+
+
+# -- one job ------------------------------------------------------------------------------------
+
+
+def _task_overrides() -> list[str]:
+    """This job's overrides as the user gave them (one job of a multirun: its own values)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra run (tests calling launch directly)
+        return []
+
+
+def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """(backend, request) for one composed job: planned once, dry-run by its backend."""
+    from omegaconf import OmegaConf
+
+    from aitrain.launcher.backends import get_backend
+    from aitrain.launcher.job import plan_job
+
+    job = to_job_config(cfg)
+    backend = get_backend(job.backend)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    spec = plan_job(job, resolved={str(k): v for k, v in resolved.items()},
+                    config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                    overrides=_task_overrides() if overrides is None else overrides, backend=backend)
+    return backend, backend.dryrun(spec)
+
+
+def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
+    """Plan one composed job and print it, submit it, or run it here (a multirun calls this per job)."""
+    backend, request = plan(cfg, overrides)
+    spec = request.spec
+    if spec.config.dry_run:
+        _print_plan(spec, request)
+        return 0
+    if request.remote:
+        # From a login node / outside the cluster: hand the job to the scheduler; it runs
+        # `aitrain launch` again where it starts, which does the tracking.
+        handle = backend.submit(request)
+        if _options["json"]:
+            print(json.dumps({"handle": handle, "backend": backend.name, "run_dir": str(spec.run_dir),
+                              "state": "PENDING", "mlflow_run_id": None}), flush=True)
+        else:
+            print(f"aitrain: submitted {handle}\n"
+                  f"  aitrain status {handle}\n  aitrain logs {handle} --follow\n  aitrain cancel {handle}",
+                  flush=True)
+        return 0
+    from aitrain.launcher.driver import run_job
+    from aitrain.launcher.redact import redact_uri
+
+    result = run_job(backend, request)
+    outcome = result.outcome
+    if outcome.state.value == "SUCCEEDED":
+        print(f"aitrain: job finished in {result.seconds:.1f}s; run dir {spec.run_dir}"
+              + (f"; MLflow run {result.mlflow_run_id} at {redact_uri(result.mlflow_uri or '')}"
+                 if result.mlflow_run_id else ""), flush=True)
+    elif outcome.state.value != "PREEMPTED":  # a preempted job was requeued: the next attempt goes on
+        hint = f"\nHINT: {outcome.hint}" if outcome.hint else ""
+        print(f"aitrain: error: {outcome.message}{hint}", file=sys.stderr, flush=True)
+    if _options["json"]:  # the last line of stdout
+        print(json.dumps({"handle": result.handle, "backend": backend.name, "run_dir": str(spec.run_dir),
+                          "state": outcome.state.value, "exit_code": outcome.exit_code,
+                          "mlflow_run_id": result.mlflow_run_id,
+                          "failures": [f.to_dict() for f in outcome.failures]}), flush=True)
+    if outcome.state.value in ("SUCCEEDED", "PREEMPTED"):
+        return 0
+    return outcome.exit_code or 1
+
+
+def _print_plan(spec: Any, request: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from aitrain.launcher.redact import redact_obj
+
+    if _options["json"]:
+        print(json.dumps({"dry_run": True, "run_dir": str(spec.run_dir), "backend": spec.config.backend.name,
+                          "plan": str(request), "relaunch": list(spec.relaunch)}), flush=True)
+        return
+    print("# resolved config")
+    print(OmegaConf.to_yaml(OmegaConf.create(redact_obj(dict(spec.resolved)))).rstrip())
+    print("\n# plan (dry run: nothing was started or written)")
+    print(request, flush=True)

@@ -1,0 +1,67 @@
+"""Small helpers every part of the launcher shares: whole-file writes, free ports, processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, text: str, mode: int | None = None) -> None:
+    """Write ``path`` so that a reader sees the old or the new text, never part of it.
+    ``mode``: the file's permissions (e.g. 0o600 for files that may hold secrets)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if mode is None:
+        tmp.write_text(text)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    os.replace(tmp, path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at ``host`` now (the kernel's choice)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def random_port() -> int:
+    """A high port for a rendezvous on another host (or network namespace), where this process
+    cannot ask the kernel for a free one; free in practice."""
+    import random
+
+    return random.randint(20000, 45000)
+
+
+def port_on(host: str) -> int:
+    """A free port at ``host`` when it is this machine's address, else :func:`random_port`."""
+    try:
+        return free_port(host)
+    except OSError:
+        return random_port()
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22):
+    with the pid, it names one process even after the pid is reused. None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # a zombie has ended
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """The process runs (not a zombie) and, when ``start`` is given, is the one that started then."""
+    now = process_start(pid)
+    return now is not None and (start is None or now == start)
