@@ -24,12 +24,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitrain import __version__
 from aitrain.errors import AitrainError
 from aitrain.launcher.backends.api import Backend, JobState, Outcome, Request, write_outcome
 from aitrain.launcher.job import JobSpec, prepare_run_dir
+
+if TYPE_CHECKING:
+    from aitrain.launcher.tracking import Tracker
 
 # Inherited variables worth recording in the env document (the rest of the shell is noise).
 _ENV_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "TORCHELASTIC_", "PYTORCH_", "OMP_", "MKL_", "KMP_", "CUDA_",
@@ -112,7 +115,7 @@ def run_job(backend: Backend, request: Request) -> LaunchResult:
                         time.monotonic() - t0)
 
 
-def start_tracker(spec: JobSpec, request: Request) -> Any:
+def start_tracker(spec: JobSpec, request: Request) -> Tracker | None:
     """The MLflow run of this launch: provenance now, metrics as they come (see tracking.py)."""
     job = spec.config
     if not job.tracking.enabled:
@@ -159,7 +162,7 @@ def start_tracker(spec: JobSpec, request: Request) -> Any:
     return tracker
 
 
-def _attach_documents(tracker: Any, request: Request, host: str) -> None:
+def _attach_documents(tracker: Tracker, request: Request, host: str) -> None:
     """The ranks' env (user-set vs tuned), and this host's topology and findings when the
     preflight already ran (local jobs; multi-node backends record theirs as they go)."""
     env = {k: {"value": v, "source": "user-set (launch environment)"}

@@ -40,6 +40,7 @@ from aitrain.launcher.failures import RankExit
 from aitrain.launcher.util import write_atomic
 
 if TYPE_CHECKING:
+    from aitrain.launcher.config import JobConfig
     from aitrain.launcher.job import JobSpec
 
 OUTCOME_FILE = "outcome.json"  # in the run dir: how the job ended (written by the launch that ran it)
@@ -233,7 +234,7 @@ class Backend(ABC):
         """Put a preempted job back in the queue (only backends that return PREEMPTED)."""
         raise BackendError(f"the {self.name} backend cannot requeue a job")
 
-    def relaunch_settings(self, job: Any) -> tuple[dict[str, str], dict[str, str]]:
+    def relaunch_settings(self, job: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
         """Overrides the re-run of a submitted job gets: (always set, set unless the user did)."""
         return {}, {}
 

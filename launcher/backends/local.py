@@ -336,14 +336,16 @@ def launch_detached(spec: JobSpec, backend: str) -> str:
 def register_foreground(spec: JobSpec, backend: str, environ: Mapping[str, str] | None = None) -> str | None:
     """The handle of a launch that runs in this process (foreground): registered so that
     ``aitrain list`` shows it and ``aitrain cancel`` can stop it from another terminal. None
-    inside a scheduler's job (the scheduler's handle names it) or a torchrun worker."""
+    for a Slurm job inside its allocation and inside a Ray job (the scheduler's handle names
+    those), and inside a torchrun worker."""
     from aitrain.launcher.environment import detect
 
     env = os.environ if environ is None else environ
     handle = env.get(HANDLE_ENV)
     if handle:
         return handle  # submitted detached: registered by the submitter
-    if detect(env).kind != "plain":
+    where = detect(env).kind
+    if where in ("ray", "torchrun") or (where == "slurm" and backend == "slurm"):
         return None
     handle = new_handle()
     JobRegistry().remember(handle, backend=backend, run_dir=spec.run_dir, pid=os.getpid(),

@@ -23,10 +23,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import AitrainError, ConfigError
 from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, register_configs, to_job_config, validate_overrides
+
+if TYPE_CHECKING:
+    from aitrain.launcher.backends.api import Backend, Request
+    from aitrain.launcher.job import JobSpec
 
 _ADD_GROUP = re.compile(r"^\+({})=".format("|".join(DEFAULT_GROUPS)))
 _FREE_FORM_KEY = re.compile(r"^({})\.[^=]+=".format("|".join(re.escape(p) for p in FREE_FORM)))
@@ -219,7 +223,7 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Any, Any]:
+def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Request]:
     """(backend, request) for one composed job: planned once, dry-run by its backend."""
     from omegaconf import OmegaConf
 
@@ -277,7 +281,7 @@ def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
     return outcome.exit_code or 1
 
 
-def _print_plan(spec: Any, request: Any) -> None:
+def _print_plan(spec: JobSpec, request: Request) -> None:
     from omegaconf import OmegaConf
 
     from aitrain.launcher.redact import redact_obj

@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 
 from aitrain.launcher.backends import backend_class, backend_for_handle, names
-from aitrain.launcher.backends.api import (
-    Backend,
-    JobRegistry,
-    JobState,
-    JobStatus,
-    Outcome,
-    Request,
-)
+from aitrain.launcher.backends.api import Backend, JobRegistry, JobState, JobStatus, Outcome, Request
 
 from aitrain_testing import run_aitrain
 
@@ -199,3 +192,18 @@ def test_import_of_the_cli_stays_light() -> None:
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_which_foreground_launches_get_a_local_handle(isolated: Path) -> None:
+    from aitrain.launcher.backends.local import register_foreground
+
+    _, request = _plan(["nproc_per_node=1"], isolated)
+    spec = request.spec
+    assert register_foreground(spec, "local", {}).startswith("local://")  # type: ignore[union-attr]
+    # backend=local in an salloc shell is still a local job; a Slurm job in its allocation and
+    # a Ray Jobs API job are named by their scheduler's handle.
+    assert register_foreground(spec, "local", {"SLURM_JOB_ID": "7"}) is not None
+    assert register_foreground(spec, "slurm", {"SLURM_JOB_ID": "7"}) is None
+    assert register_foreground(spec, "ray", {"RAY_JOB_ID": "02000000"}) is None
+    assert register_foreground(spec, "local", {"AITRAIN_JOB_HANDLE": "local://h/x"}) == "local://h/x"
+    assert len(JobRegistry().entries()) == 2

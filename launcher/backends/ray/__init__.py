@@ -42,6 +42,7 @@ from aitrain.launcher.backends.ray.address import (
     parse_address,
 )
 from aitrain.launcher.backends.ray.jobs_api import JobsApi, jobs_client, parse_handle
+from aitrain.launcher.config import JobConfig, RayBackendConfig
 from aitrain.launcher.failures import describe, exit_code_of
 from aitrain.launcher.job import JobSpec
 
@@ -57,7 +58,7 @@ class RayRequest(Request):
     """Run the job from this process: placement group, one actor per rank."""
 
     address: RayAddress = field(default_factory=lambda: RayAddress("local"))
-    opts: Any = None
+    opts: RayBackendConfig = field(default_factory=RayBackendConfig)
     bundles: list[dict[str, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -145,7 +146,7 @@ class RayBackend(Backend):
 
         return self.address.kind == "jobs" and detect(self.environ).kind != "ray"
 
-    def relaunch_settings(self, job: Any) -> tuple[dict[str, str], dict[str, str]]:
+    def relaunch_settings(self, job: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
         if parse_address(getattr(job.backend, "address", None), self.environ).kind != "jobs":
             return {}, {}
         # On the cluster: drive the job there, with run directories where this machine put them.

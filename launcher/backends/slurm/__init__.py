@@ -44,6 +44,7 @@ from aitrain.launcher.backends.api import (
 )
 from aitrain.launcher.backends.local import follow_files, rank_log
 from aitrain.launcher.backends.slurm.sbatch import render_sbatch
+from aitrain.launcher.config import JobConfig
 from aitrain.launcher.environment import SlurmEnvironment, detect
 from aitrain.launcher.failures import RankExit, describe, exit_code_of, failures
 from aitrain.launcher.job import JobSpec
@@ -206,7 +207,7 @@ class SlurmBackend(Backend):
 
         return self.opts.python or sys.executable
 
-    def relaunch_settings(self, job: Any) -> tuple[dict[str, str], dict[str, str]]:
+    def relaunch_settings(self, job: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
         return {}, {"resume": "auto"}  # a requeued attempt picks up the latest checkpoint
 
     def dryrun(self, spec: JobSpec) -> Request:
