@@ -560,6 +560,9 @@ def _omp_rule(out: TunedEnv, host: HostTopology, opts: TuneOptions) -> None:
         out.note("OMP_NUM_THREADS", "CPU count unknown")
         return
     ranks = max(1, opts.nproc_per_node)
+    if ranks == 1:  # as torchrun: one rank keeps torch's own default (a thread per core)
+        out.note("OMP_NUM_THREADS", "one rank per host: torch's default, as under torchrun")
+        return
     n = max(1, cpus // ranks)
     out.set("OMP_NUM_THREADS", n, f"{cpus} CPUs / {ranks} rank(s) on this host: one thread per core, "
                                   f"no oversubscription")

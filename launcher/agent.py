@@ -60,6 +60,7 @@ class AgentRequest:
     rdzv_timeout: int = 300
     services: dict[str, Any] = field(default_factory=dict)  # rank logs, system metrics, watchdog (node/services.py)
     resources: dict[str, Any] = field(default_factory=dict)  # NodePlan: binding, cgroup, profiler (resources.py)
+    cwd: str = ""  # where the ranks run (default: the agent's own directory)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -121,6 +122,8 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
 
     # Ranks inherit the agent's environment; the agent adds the torch.distributed vars.
     os.environ.update(req.env)
+    if req.cwd:
+        os.chdir(req.cwd)  # ranks inherit it (hydra.job.chdir=true: the run dir)
     Path(req.log_dir).mkdir(parents=True, exist_ok=True)
     from aitrain.launcher.resources import NodeResources
 
@@ -134,6 +137,7 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
         max_nodes=req.nnodes,
         nproc_per_node=req.nproc_per_node,
         run_id=req.run_id,
+        role="default",  # torchrun's --role default (ROLE_NAME); LaunchConfig's own is "default_role"
         rdzv_backend="static",
         rdzv_endpoint=f"{req.master_addr}:{req.master_port}",
         rdzv_configs={"rank": req.node_rank, "timeout": req.rdzv_timeout},

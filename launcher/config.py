@@ -170,10 +170,13 @@ class JobConfig:
     """One training job: what to run, where, and how."""
 
     nnodes: int = 1  # nodes (torchrun's --nnodes)
-    nproc_per_node: int = 2  # ranks per node (torchrun's --nproc-per-node)
+    # ranks per node, as torchrun's --nproc-per-node: N | auto (one per GPU, else per CPU) | gpu | cpu
+    nproc_per_node: Any = 2
     dry_run: bool = False  # print the plan (config, commands, env per rank) and start nothing
-    script: str | None = None  # a torchrun-compatible script to run instead of the built-in job
-    script_args: list[str] = field(default_factory=list)  # arguments for `script`
+    # The rank program instead of the built-in job (also `aitrain launch ... -- train.py ARGS`):
+    script: str | None = None  # a torchrun-compatible script (relative to the launch directory)
+    module: str | None = None  # or a module run as `python -m MODULE` (`-- -m pkg.mod ARGS`)
+    script_args: list[str] = field(default_factory=list)  # arguments of `script`/`module`, as typed
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     run_root: str = "outputs"  # where run directories and the embedded MLflow store live

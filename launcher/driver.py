@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aitrain import __version__
 from aitrain.errors import AitrainError
 from aitrain.launcher.backends.api import Backend, JobState, Outcome, Request, write_outcome
-from aitrain.launcher.job import JobSpec, prepare_run_dir
+from aitrain.launcher.job import JobSpec, prepare_run_dir, user_program
 
 if TYPE_CHECKING:
     from aitrain.launcher.tracking import Tracker
@@ -85,6 +85,12 @@ def run_job(backend: Backend, request: Request) -> LaunchResult:
     prepare_run_dir(spec)
     handle = register_foreground(spec, backend.name)
     tracker = start_tracker(spec, request)
+    if tracker is not None and user_program(spec.config):
+        # The user's code may log to MLflow itself: into this launch's run, not a second one.
+        mlflow_env = tracker.rank_env()
+        request.env.update(mlflow_env)
+        request.env_reasons.update({k: "the launch's MLflow run, for the program's own MLflow logging"
+                                    for k in mlflow_env})
     print(f"aitrain: {spec.world_size} rank(s), strategy {spec.config.strategy.name}, backend {backend.name}; "
           f"run dir {spec.run_dir}", flush=True)
     t0 = time.monotonic()
@@ -142,7 +148,7 @@ def start_tracker(spec: JobSpec, request: Request) -> Tracker | None:
         "aitrain.version": __version__,
         "aitrain.run_dir": str(run_dir),
         "aitrain.command": shlex.join(redact_argv(["aitrain", "launch", *sys.argv[1:]])),
-        "mlflow.source.name": job.script or "aitrain.launcher.train",
+        "mlflow.source.name": job.script or job.module or "aitrain.launcher.train",
         "versions.python": platform.python_version(),
         "versions.aitrain": __version__,
         **request.tags,  # backend facts, e.g. slurm.job_id, slurm.restart_count, nodes
@@ -155,10 +161,10 @@ def start_tracker(spec: JobSpec, request: Request) -> Tracker | None:
         params=flatten(clean),
         tags=tags,
         artifacts=[clean_yaml],
-        code_dir=Path(job.script).resolve().parent if job.script else Path.cwd(),
+        code_dir=(spec.launch_dir / job.script).resolve().parent if job.script else spec.launch_dir,
     )
     _attach_documents(tracker, request, host)
-    tracker.start()
+    tracker.start(create_run_now=user_program(job))
     return tracker
 
 

@@ -11,6 +11,9 @@ The spec also holds the one command that re-runs this job where a scheduler star
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.machinery
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +51,8 @@ class JobSpec:
     relaunch: tuple[str, ...] = ()  # `aitrain launch` of this job where a scheduler starts it
     config_yaml: str = ""  # the resolved config the ranks read (<run_dir>/job.yaml)
     resolved: Mapping[str, Any] = field(default_factory=dict)  # the same as a dict (tracking params)
+    launch_dir: Path = field(default_factory=Path.cwd)  # where `aitrain launch` was run
+    cwd: Path = field(default_factory=Path.cwd)  # where the ranks run: launch_dir, or run_dir (hydra.job.chdir)
 
     @property
     def world_size(self) -> int:
@@ -68,14 +73,71 @@ class JobSpec:
 
 def needs_trampoline(cfg: JobConfig) -> bool:
     # The trampoline also applies per-rank binding, the cgroup and the profiler.
-    return bool(cfg.script) or cfg.binding != "none" or cfg.resources.cgroup or cfg.profile != "none"
+    return bool(cfg.script or cfg.module) or cfg.binding != "none" or cfg.resources.cgroup or cfg.profile != "none"
 
 
-def rank_program(cfg: JobConfig, config_file: Path) -> list[str]:
-    """argv each rank runs: the user's script, or the built-in training job."""
+def rank_program(cfg: JobConfig, config_file: Path, script_dir: Path | None = None) -> list[str]:
+    """argv each rank runs, as torchrun builds it (``python -u SCRIPT ARGS`` or ``python -u -m
+    MODULE ARGS``), or the built-in training job. ``script_dir``: the launch directory, when
+    the ranks run elsewhere (hydra.job.chdir): a relative script is the one the user meant."""
+    if cfg.module:
+        return [sys.executable, "-u", "-m", cfg.module, *cfg.script_args]
     if cfg.script:
-        return [sys.executable, "-u", cfg.script, *cfg.script_args]
+        script = cfg.script
+        if script_dir is not None and not Path(script).is_absolute():
+            script = str(script_dir / script)
+        return [sys.executable, "-u", script, *cfg.script_args]
     return [sys.executable, "-u", "-m", "aitrain.launcher.train", "--config", str(config_file)]
+
+
+def user_program(cfg: JobConfig) -> bool:
+    return bool(cfg.script or cfg.module)
+
+
+def local_world_size(value: Any, *, gpus_per_node: int | None = None) -> int:
+    """``nproc_per_node`` as torchrun reads it: N, ``cpu`` (the CPUs this process may use),
+    ``gpu`` (the CUDA devices; an error without one) or ``auto`` (GPUs if any, else CPUs).
+    ``gpus_per_node``: what the scheduler will give each node (Slurm's --gpus-per-node), for
+    a plan made away from the nodes."""
+    text = str(value).strip().lower()
+    if text.lstrip("+-").isdigit():
+        return int(text)
+    if text == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if text in ("gpu", "auto"):
+        gpus = gpus_per_node if gpus_per_node is not None else _cuda_device_count()
+        if gpus:
+            return gpus
+        if text == "gpu":
+            raise ConfigError("nproc_per_node=gpu, but no CUDA device is visible here (torchrun: "
+                              "'Cuda is not available.')",
+                              "set nproc_per_node=N, or nproc_per_node=auto (one rank per CPU without a GPU)")
+        return local_world_size("cpu")
+    raise ConfigError(f"nproc_per_node={value!r} is not a number or one of auto, gpu, cpu",
+                      "nproc_per_node=2, or auto (one rank per GPU, else per CPU), gpu, cpu (as torchrun)")
+
+
+def _cuda_device_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_module(module: str, launch_dir: Path) -> None:
+    """The module's top-level package can be found by the ranks' interpreter (as ``python -m``
+    would from the launch directory). Only the top level: finding ``a.b`` imports ``a``."""
+    top = module.split(".", 1)[0]
+    if not top.isidentifier():
+        raise ConfigError(f"module={module!r} is not a Python module name", "e.g. -- -m pkg.train --lr 1e-3")
+    if top in sys.builtin_module_names:
+        return
+    if importlib.machinery.PathFinder.find_spec(top, [str(launch_dir), *sys.path[1:]]) is None:
+        raise ConfigError(f"module={module}: no module named {top!r} for {sys.executable} "
+                          f"(looked in {launch_dir} and the installed packages)",
+                          "install the package into this environment, or launch from the directory "
+                          f"that contains {top}/")
 
 
 def override_key(override: str) -> str:
@@ -84,27 +146,51 @@ def override_key(override: str) -> str:
 
 
 def relaunch_argv(overrides: Sequence[str], *, python: str, run_dir: Path,
-                  replace: Mapping[str, str] | None = None, default: Mapping[str, str] | None = None
-                  ) -> list[str]:
+                  replace: Mapping[str, str] | None = None, default: Mapping[str, str] | None = None,
+                  program: Sequence[str] | None = None) -> list[str]:
     """``aitrain launch`` of the same job, as a scheduler re-runs it: the user's overrides byte
     for byte (but ``dry_run``, which is how the user looked at the plan, and ``hydra.run.dir``),
     then the run directory pinned, then the backend's ``replace`` settings (always) and its
-    ``default`` settings (unless the user set them)."""
+    ``default`` settings (unless the user set them), then ``-- PROGRAM ARGS`` (the user's
+    program in torchrun's shape, whether it was given that way or as ``script=``)."""
     replace, default = dict(replace or {}), dict(default or {})
-    for o in overrides:
+    drop = {"dry_run", "hydra.run.dir", *replace, *(PROGRAM_KEYS if program else ())}
+    kept = [o for o in overrides if override_key(o) not in drop]
+    for o in kept:
         if any(c in o for c in "\n\r\x00"):
             raise ConfigError(f"override {o!r} contains a newline", "pass one override per argument")
-    drop = {"dry_run", "hydra.run.dir", *replace}
-    kept = [o for o in overrides if override_key(o) not in drop]
     given = {override_key(o) for o in kept}
     argv = [python, "-m", "aitrain.launcher.cli", "launch", *kept, f"hydra.run.dir={run_dir}"]
     argv += [f"{k}={v}" for k, v in replace.items()]
     argv += [f"{k}={v}" for k, v in default.items() if k not in given]
+    if program:
+        for a in program:
+            if "\x00" in a:
+                raise ConfigError(f"argument {a!r} of the program contains a NUL byte", "remove it")
+        argv += ["--", *program]
     return argv
 
 
-def check_job(job: JobConfig) -> None:
+PROGRAM_KEYS = ("script", "module", "script_args")
+
+
+def program_argv(job: JobConfig, anchor: Path | None = None) -> list[str] | None:
+    """``[SCRIPT | -m MODULE, ARGS...]``: the user's program as typed after ``--``; None for the
+    built-in job. ``anchor``: a relative script is given as the file in that directory (a re-run
+    may start elsewhere: a Ray Jobs API entrypoint runs in the cluster's own directory)."""
+    if job.module:
+        return ["-m", job.module, *job.script_args]
+    if job.script:
+        script = job.script
+        if anchor is not None and not Path(script).is_absolute():
+            script = str(anchor / script)
+        return [script, *job.script_args]
+    return None
+
+
+def check_job(job: JobConfig, launch_dir: Path | None = None) -> None:
     """What can be checked before anything starts (no torch import)."""
+    launch_dir = launch_dir or Path.cwd()
     world = job.nnodes * job.nproc_per_node
     if world < 1:
         raise ConfigError(f"nnodes={job.nnodes} x nproc_per_node={job.nproc_per_node} gives no ranks",
@@ -118,17 +204,34 @@ def check_job(job: JobConfig) -> None:
 
     # Degrees, the strategy and its options, the built-in model against TP/PP, the batch splits.
     plan = ParallelPlan.resolve(world_size=world, **vars(job.parallel))
+    user = user_program(job)
     preflight(job.strategy.name, plan, StrategyOptions.from_config(job.strategy, job.pp),
-              model=None if job.script else job.model, train=None if job.script else job.train)
-    if job.script and not Path(job.script).is_file():
-        raise AitrainError(f"script={job.script} does not exist (looked in {Path.cwd()})",
+              model=None if user else job.model, train=None if user else job.train)
+    if job.script and job.module:
+        raise ConfigError(f"both script={job.script} and module={job.module} are set",
+                          "give one: `-- train.py ARGS` or `-- -m pkg.module ARGS`")
+    if job.script and not (launch_dir / job.script).is_file():
+        raise AitrainError(f"script={job.script} does not exist (looked in {launch_dir})",
                            "give a path to a torchrun-compatible Python script")
+    if job.module and not getattr(job.backend, "python", None) and not _ray_ships_code(job):
+        check_module(job.module, launch_dir)
+
+
+def _ray_ships_code(job: JobConfig) -> bool:
+    env = getattr(job.backend, "runtime_env", None) or {}
+    return any(env.get(k) for k in ("working_dir", "py_modules", "pip", "conda", "uv"))
 
 
 def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, overrides: Sequence[str],
-             backend: Backend) -> JobSpec:
-    """The checked, frozen spec of one composed job. Writes nothing."""
-    check_job(job)
+             backend: Backend, launch_dir: Path | None = None, chdir: bool = False) -> JobSpec:
+    """The checked, frozen spec of one composed job. Writes nothing.
+
+    ``launch_dir``: where ``aitrain launch`` was run (relative paths the user typed are
+    relative to it); ``chdir``: Hydra's ``hydra.job.chdir``, the ranks run in the run dir."""
+    launch_dir = (launch_dir or Path.cwd()).resolve()
+    gpus = getattr(job.backend, "gpus_per_node", None)
+    job = dataclasses.replace(job, nproc_per_node=local_world_size(job.nproc_per_node, gpus_per_node=gpus))
+    check_job(job, launch_dir)
     resources = ResourceRequest.from_config(job)
     run_dir = Path(job.run_dir).resolve()
     config_file = run_dir / CONFIG_FILE
@@ -140,6 +243,10 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
         "PYTHONUNBUFFERED": "1",
     }
     reasons: dict[str, str] = {}
+    if chdir and job.module:  # `python -m` finds modules in its cwd, which is now the run dir
+        path = os.pathsep.join(p for p in (str(launch_dir), os.environ.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = path
+        reasons["PYTHONPATH"] = "hydra.job.chdir=true: the launch directory, where `-m` looked before the chdir"
     for k, v in job.fabric.env.items():
         env[str(k)] = str(v)
         reasons[str(k)] = "user-set (fabric.env)"
@@ -148,7 +255,7 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
     return JobSpec(
         name=f"aitrain-{run_dir.name}",
         run_dir=run_dir,
-        argv=tuple(rank_program(job, config_file)),
+        argv=tuple(rank_program(job, config_file, launch_dir if chdir else None)),
         nnodes=job.nnodes,
         nproc_per_node=job.nproc_per_node,
         config=job,
@@ -157,9 +264,12 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
         env_reasons=reasons,
         resources=resources,
         overrides=tuple(overrides),
-        relaunch=tuple(relaunch_argv(overrides, python=python, run_dir=run_dir, replace=replace, default=default)),
+        relaunch=tuple(relaunch_argv(overrides, python=python, run_dir=run_dir, replace=replace, default=default,
+                                     program=program_argv(job, None if _ray_ships_code(job) else launch_dir))),
         config_yaml=config_yaml,
         resolved=dict(resolved),
+        launch_dir=launch_dir,
+        cwd=run_dir if chdir else launch_dir,
     )
 
 

@@ -19,8 +19,14 @@ so and leaves ``tracking.json`` (the run's params, tags, offsets) for
 ``aitrain runs sync <run_dir>`` to finish the job later.
 
 MLflow is imported only in the thread, after the first training step was reported
-(or the job has ended), so tracking never delays the start of training. Secrets are
-redacted (``redact.py``) in params, tags, documents and the recorded command line.
+(or the job has ended), so tracking never delays the start of the built-in job. A user's
+program (``script=``, ``module=``, ``-- train.py``) may log to MLflow itself: for it the run is
+created before the ranks start, and :meth:`Tracker.rank_env` gives them MLflow's own
+variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``, ``MLFLOW_EXPERIMENT_ID``), so
+``mlflow.start_run()``, HF ``report_to=["mlflow"]`` and Lightning's ``MLFlowLogger(run_id=...)``
+log into the launch's run. Whatever they do to it, the tracker ends the run last, with the
+job's own status. Secrets are redacted (``redact.py``) in params, tags, documents and the
+recorded command line.
 
 Default store: an embedded sqlite database under ``run_root`` (no server);
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere.
@@ -192,6 +198,8 @@ class Tracker:
         self.pending = False  # True after finish() when something could not be sent
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._run_ready = threading.Event()
+        self._early_run = False
         self._finished_at: float | None = None
         self._client: Any = None
         self._attempts: dict[str, int] = {}
@@ -214,9 +222,26 @@ class Tracker:
     def run_id(self) -> str | None:
         return self.state.get("run_id")
 
-    def start(self) -> None:
+    def start(self, *, create_run_now: bool = False) -> None:
+        """Start forwarding. ``create_run_now``: create the MLflow run at once (ranks that log
+        to MLflow themselves need its id before they start; see :meth:`rank_env`)."""
+        self._early_run = create_run_now
         self._save_state()
         self._thread.start()
+
+    def rank_env(self, timeout: float = 60.0) -> dict[str, str]:
+        """MLflow's variables for ranks that log into this run: the URI, the run id and the
+        experiment id once the run exists (waits up to ``timeout`` for it; without it, the
+        experiment's name, so the user's logging still lands in the right experiment)."""
+        self._run_ready.wait(timeout)
+        env = {"MLFLOW_TRACKING_URI": self.uri}
+        if self.run_id:
+            env["MLFLOW_RUN_ID"] = self.run_id
+        if self.state.get("experiment_id"):
+            env["MLFLOW_EXPERIMENT_ID"] = str(self.state["experiment_id"])
+        else:
+            env["MLFLOW_EXPERIMENT_NAME"] = self.experiment
+        return env
 
     def phase(self, name: str, seconds: float) -> None:
         """Record a launcher-side phase timing, e.g. ``tracker.phase("probe", 1.8)`` -> ``phase/probe_s``."""
@@ -316,6 +341,13 @@ class Tracker:
         return any((read_record(p) or {}).get("step") for p in (self.run_dir / "progress").glob("rank*.json"))
 
     def _main(self) -> None:
+        if self._early_run:
+            try:
+                self._ensure_run(self._connect())
+            except Exception as e:  # the loop retries; the ranks start without a run id
+                log.warning("could not create the MLflow run before the ranks start: %s", e)
+            finally:
+                self._run_ready.set()
         try:
             t0 = time.monotonic()
             while not self._done.is_set() and not self._started_training() \
@@ -448,6 +480,7 @@ class Tracker:
                                 start_time=int(start * 1000) if start else None)
         with self._lock:
             self.state["run_id"] = run.info.run_id
+            self.state["experiment_id"] = str(exp_id)
             self.state["tags_logged"] = tags
         (self.run_dir / "mlflow_run_id").write_text(run.info.run_id + "\n")
         self._save_state()

@@ -90,7 +90,7 @@ def check_job(cfg: JobConfig, world_size: int) -> ParallelPlan:
 
     plan = ParallelPlan.resolve(world_size=world_size, **vars(cfg.parallel))
     options = strategy_options(cfg)
-    builtin = cfg.script is None
+    builtin = cfg.script is None and cfg.module is None
     preflight(cfg.strategy.name, plan, options, model=cfg.model if builtin else None,
               train=cfg.train if builtin else None)
     if builtin:

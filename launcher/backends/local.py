@@ -75,7 +75,7 @@ class ThisHost(NodeSet):
 class LocalRequest(Request):
     """The dry-run result: exactly what `run` will start."""
 
-    master_addr: str = "127.0.0.1"
+    master_addr: str = "localhost"
     master_port: int = 0
     rank_env: list[dict[str, str]] = field(default_factory=list)
     node: NodePlan | None = None  # CPU binding, cgroup and profiler of this node (launcher/resources.py)
@@ -88,6 +88,7 @@ class LocalRequest(Request):
             f"run dir: {spec.run_dir}",
             f"ranks:   {spec.world_size} ({spec.nnodes} node x {spec.nproc_per_node} per node)",
             f"command: {shlex.join(spec.argv)}",
+            f"cwd:     {spec.cwd}",
         ]
         if self.preflight is not None and self.preflight.findings:
             lines.append(f"preflight: {describe_findings(self.preflight)}")
@@ -154,8 +155,12 @@ class LocalBackend(Backend):
             req.preflight = pf
             req.env.update(pf.node_env(pf.nodes[0]))
             req.env_reasons.update(pf.reasons)
-        addr = "127.0.0.1"
-        req.master_addr, req.master_port = addr, free_port(addr)
+        if spec.nproc_per_node > 1 and "OMP_NUM_THREADS" not in req.env and "OMP_NUM_THREADS" not in os.environ:
+            req.env["OMP_NUM_THREADS"] = "1"
+            req.env_reasons["OMP_NUM_THREADS"] = "torchrun's value for more than one rank per node (not tuned)"
+        # As torchrun on one node (--standalone): the rendezvous on localhost.
+        addr = "localhost"
+        req.master_addr, req.master_port = addr, free_port("127.0.0.1")
         if spec.resources.active:
             req.node = plan_node(spec.resources, nproc=spec.nproc_per_node, run_dir=spec.run_dir,
                                  metrics_file=spec.metrics_file, user_omp=_user_omp(spec))
@@ -181,8 +186,6 @@ class LocalBackend(Backend):
         if request.preflight is not None:
             record(request.preflight, spec.run_dir)
         env = dict(request.env)
-        env.setdefault("OMP_NUM_THREADS", os.environ.get(
-            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node))))
         agent_req = AgentRequest(
             run_id=spec.name,
             argv=trampoline_argv(list(spec.argv)) if spec.needs_trampoline else list(spec.argv),
@@ -198,6 +201,7 @@ class LocalBackend(Backend):
             shutdown_timeout=self.shutdown_timeout,
             services=services_options(spec, env),
             resources=request.node.to_dict() if request.node else {},
+            cwd=str(spec.cwd),
         )
         return self.agent_factory().run(agent_req).outcome()
 

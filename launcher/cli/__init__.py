@@ -35,6 +35,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 EPILOG = """examples:
   aitrain launch                                  run the default job locally
   aitrain launch +strategy=ddp nproc_per_node=2 train.steps=50
+  aitrain launch nproc_per_node=2 -- train.py --lr 1e-3   your own script, as with torchrun
   aitrain launch strategy=fsdp dry_run=true       print the plan, start nothing
   aitrain launch --help                           config groups and options
   aitrain fabric check --json                     validate this host's fabric

@@ -77,9 +77,13 @@ def _will_start_local_ranks(argv: list[str]) -> bool:
 
 def run_launch(argv: list[str]) -> int:
     from aitrain.launcher import agent
+    from aitrain.launcher.program import program_overrides, quote_script_args, split_program
 
+    argv, program = split_program(argv)  # torchrun's shape: `-- train.py ARGS` / `-- -m pkg.mod ARGS`
     _options["json"] = "--json" in argv
-    argv = [_quote_rank_list(a) for a in normalize_overrides([a for a in argv if a != "--json"])]
+    argv = [quote_script_args(_quote_rank_list(a)) for a in normalize_overrides([a for a in argv if a != "--json"])]
+    if program is not None:
+        argv += program_overrides(program)
     if _will_start_local_ranks(argv):
         # Let the node agent import torch on the other core while Hydra composes.
         agent.prespawn()
@@ -223,6 +227,33 @@ def _task_overrides() -> list[str]:
         return []
 
 
+def _launch_dir() -> tuple[Path, bool]:
+    """(the directory ``aitrain launch`` ran in, whether Hydra changes into the run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        hc = HydraConfig.get()
+        return Path(str(hc.runtime.cwd or Path.cwd())), bool(hc.job.chdir)
+    except ValueError:  # not inside a Hydra run or compose (tests calling launch directly)
+        return Path.cwd(), False
+
+
+# Paths the user types relative to where they launch; with hydra.job.chdir=true they are made
+# absolute, so the launcher (now in the run dir) and the ranks read what the user meant.
+_LAUNCH_RELATIVE = ("run_root", "checkpoint.dir", "resume", "script")
+
+
+def _anchor_paths(cfg: Any, launch_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    for key in _LAUNCH_RELATIVE:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, str) or not value or value in ("none", "auto") or Path(value).is_absolute():
+            continue
+        if key != "script" or (launch_dir / value).exists():
+            OmegaConf.update(cfg, key, str(launch_dir / Path(value).expanduser()))
+
+
 def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Request]:
     """(backend, request) for one composed job: planned once, dry-run by its backend."""
     from omegaconf import OmegaConf
@@ -230,13 +261,17 @@ def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Req
     from aitrain.launcher.backends import get_backend
     from aitrain.launcher.job import plan_job
 
+    launch_dir, chdir = _launch_dir()
+    if chdir:
+        _anchor_paths(cfg, launch_dir)
     job = to_job_config(cfg)
     backend = get_backend(job.backend)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     spec = plan_job(job, resolved={str(k): v for k, v in resolved.items()},
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                    overrides=_task_overrides() if overrides is None else overrides, backend=backend)
+                    overrides=_task_overrides() if overrides is None else overrides, backend=backend,
+                    launch_dir=launch_dir, chdir=chdir)
     return backend, backend.dryrun(spec)
 
 

@@ -141,3 +141,34 @@ def test_notebook_submits_follows_cancels_and_leaves_a_job_running(head: LocalHe
                   in ("SUCCEEDED", "FAILED", "CANCELLED") and s, 180, "the job the notebook left running", poll=0.5)
     assert st["state"] == "SUCCEEDED", st
     assert_nothing_left(head)
+
+
+ARGV_SCRIPT = """\
+import json, os, sys
+with open(os.path.join(os.environ["ARGV_OUT"], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"argv": sys.argv[1:], "mlflow_run": os.environ.get("MLFLOW_RUN_ID")}, f)
+"""
+
+
+@pytest.mark.parametrize("address", ["client", "jobs"])
+def test_torchrun_command_shape_on_ray(head: LocalHead, tmp_path: Path, address: str) -> None:
+    """`-- script ARGS` reaches every rank byte for byte, through the Ray client and through the
+    Jobs API (whose entrypoint re-runs `aitrain launch` on the cluster), with the launch's MLflow run."""
+    (tmp_path / "show_argv.py").write_text(ARGV_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--lr", "1e-3", "--flag", "true", "it's", "${x}", ""]
+    env = head.env(tmp_path)
+    addr = head.client if address == "client" else head.jobs
+    r = aitrain(["launch", "backend=ray", f"backend.address={addr}", "nproc_per_node=2", "fabric=off",
+                 f"fabric.env.ARGV_OUT={out}", f"run_root={tmp_path / 'runs'}", "--", "show_argv.py", *args],
+                tmp_path, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    if address == "jobs":
+        handle = next(w for w in r.stdout.split() if w.startswith("ray://"))
+        follow = aitrain(["logs", handle, "--follow"], tmp_path, env, timeout=180)
+        assert follow.returncode == 0, follow.stdout + follow.stderr
+    seen = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [s["argv"] for s in seen] == [args, args]
+    assert seen[0]["mlflow_run"] and seen[0]["mlflow_run"] == seen[1]["mlflow_run"]
+    assert_nothing_left(head)

@@ -104,7 +104,8 @@ class RayJobRequest(Request):
 
     def __str__(self) -> str:
         lines = [f"backend: ray (submit to {self.address}; the cluster runs the job and tracks it)",
-                 f"entrypoint: {self.entrypoint}"]
+                 f"entrypoint: {self.entrypoint}",
+                 f"ranks run: {shlex.join(self.spec.argv)}"]
         if self.runtime_env:
             lines.append(f"runtime_env: {json.dumps(self.runtime_env, sort_keys=True)}")
         lines.append(f"metadata: {json.dumps(self.metadata, sort_keys=True)}")
@@ -299,7 +300,7 @@ class RayBackend(Backend):
         spec = request.spec
         config_file = spec.config_file
         files = {str(config_file): config_file.read_text()} if config_file.is_file() else {}
-        cwd = None if (self.opts.runtime_env or {}).get("working_dir") else os.getcwd()
+        cwd = None if (self.opts.runtime_env or {}).get("working_dir") else str(spec.cwd)
         argv = list(spec.argv)
         nnodes = spec.nnodes
         excluded: list[str] = []  # Ray nodes the smoke test proved bad (fabric.exclude_bad_nodes=true)

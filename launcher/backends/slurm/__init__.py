@@ -117,7 +117,8 @@ class SbatchRequest(Request):
 
     def __str__(self) -> str:
         return (f"backend: slurm (submit with sbatch; on submission the script is written to "
-                f"{self.script_path})\n--- sbatch script ---\n{self.script}")
+                f"{self.script_path})\nranks run: {shlex.join(self.spec.argv)}    # on every node, in {self.spec.cwd}"
+                f"\n--- sbatch script ---\n{self.script}")
 
 
 @dataclass
@@ -131,7 +132,9 @@ class AllocationRequest(Request):
     def __str__(self) -> str:
         assert self.slurm is not None
         lines = [f"backend: slurm, inside allocation {self.slurm.job_id} on {', '.join(self.slurm.nodes)}",
-                 f"agents:  {shlex.join(self.srun)}"]
+                 f"agents:  {shlex.join(self.srun)}",
+                 f"command: {shlex.join(self.spec.argv)}",
+                 f"cwd:     {self.spec.cwd}"]
         for node, a in zip(self.slurm.nodes, self.agents, strict=False):
             lines.append(f"node {node} (node_rank {a.node_rank}): rendezvous {a.master_addr}:{a.master_port}, "
                          f"{a.nproc_per_node} ranks")
@@ -213,7 +216,7 @@ class SlurmBackend(Backend):
     def dryrun(self, spec: JobSpec) -> Request:
         if self.in_allocation():
             return self._allocation_request(spec)
-        return SbatchRequest.of(spec, script=render_sbatch(self.opts, spec, cwd=os.getcwd()))
+        return SbatchRequest.of(spec, script=render_sbatch(self.opts, spec, cwd=str(spec.launch_dir)))
 
     # -- from a login node ---------------------------------------------------------
 
@@ -375,6 +378,7 @@ class SlurmBackend(Backend):
                 node_rank=i,
                 resources=resources,
                 services=services_options(spec, env),
+                cwd=str(spec.cwd),
             ))
         return reqs
 
