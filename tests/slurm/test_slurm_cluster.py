@@ -226,3 +226,29 @@ def test_smoke_gate_names_a_silently_broken_node_and_launches_without_it(tmp_pat
         assert "node3" not in tags["nodes"]
     finally:
         c.down()
+
+
+ARGV_SCRIPT = """\
+import json, os, sys
+with open(os.path.join(os.environ["ARGV_OUT"], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "mlflow_run": os.environ.get("MLFLOW_RUN_ID"),
+               "role": os.environ.get("ROLE_NAME")}, f)
+"""
+
+
+def test_torchrun_command_shape_through_the_batch_rerun(tmp_path: Path, env: dict[str, str]) -> None:
+    """`-- script ARGS` from a login node: the sbatch script re-runs `aitrain launch ... --
+    script ARGS`, and every rank on both nodes gets the arguments byte for byte and the
+    launch's MLflow run."""
+    (tmp_path / "show_argv.py").write_text(ARGV_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--lr", "1e-3", "--flag", "true", "it's", "${x}", "$(id)", "", "a b"]
+    handle = submit(["nproc_per_node=1", f"fabric.env.ARGV_OUT={out}", "--", "show_argv.py", *args], tmp_path, env)
+    st = wait_done(handle, tmp_path, env)
+    assert st["state"] == "SUCCEEDED", job_output(st)
+    seen = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [s["argv"] for s in seen] == [args, args]
+    assert {s["cwd"] for s in seen} == {str(tmp_path)} and {s["role"] for s in seen} == {"default"}
+    runs, _ = mlflow_runs(tmp_path)
+    assert [r.info.run_id for r in runs] == [seen[0]["mlflow_run"]] == [seen[1]["mlflow_run"]]
