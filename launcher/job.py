@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import math
 import os
 import sys
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aitrain.errors import AitrainError, ConfigError
+from aitrain.errors import ConfigError
 from aitrain.launcher.config import JobConfig
 from aitrain.launcher.resources import ResourceRequest
 
@@ -198,6 +199,7 @@ def check_job(job: JobConfig, launch_dir: Path | None = None) -> None:
     if job.fabric.on_error not in ("fail", "warn"):
         raise ConfigError(f"fabric.on_error={job.fabric.on_error!r} is not one of fail, warn",
                           "fabric.on_error=fail stops the launch on fabric errors; warn only reports them")
+    check_values(job)
     from aitrain.strategies.options import StrategyOptions
     from aitrain.strategies.plan import ParallelPlan
     from aitrain.strategies.rules import preflight
@@ -211,10 +213,68 @@ def check_job(job: JobConfig, launch_dir: Path | None = None) -> None:
         raise ConfigError(f"both script={job.script} and module={job.module} are set",
                           "give one: `-- train.py ARGS` or `-- -m pkg.module ARGS`")
     if job.script and not (launch_dir / job.script).is_file():
-        raise AitrainError(f"script={job.script} does not exist (looked in {launch_dir})",
-                           "give a path to a torchrun-compatible Python script")
+        raise ConfigError(f"script={job.script} does not exist (looked in {launch_dir})",
+                          "give a path to a torchrun-compatible Python script")
     if job.module and not getattr(job.backend, "python", None) and not _ray_ships_code(job):
         check_module(job.module, launch_dir)
+
+
+# (key, lowest allowed value, what it means) for the numbers a rank would otherwise trip over.
+_AT_LEAST: tuple[tuple[str, float, str], ...] = (
+    ("train.steps", 1, "optimizer steps to run"),
+    ("train.global_batch_size", 1, "sequences per step"),
+    ("train.grad_accum", 1, "micro-batches per step"),
+    ("train.log_every", 1, "steps between progress lines"),
+    ("train.warmup_steps", 0, "warmup steps"),
+    ("train.grad_clip", 0, "max gradient norm (0: off)"),
+    ("train.weight_decay", 0, "AdamW weight decay"),
+    ("model.vocab_size", 2, "tokens in the vocabulary"),
+    ("model.seq_len", 1, "context length"),
+    ("model.n_layer", 1, "transformer blocks"),
+    ("model.n_head", 1, "attention heads"),
+    ("model.d_model", 1, "hidden width"),
+    ("model.mlp_ratio", 1, "MLP width ratio"),
+    ("data.branching", 1, "successors per token"),
+    ("data.num_sequences", 1, "sequences in the dataset"),
+    ("checkpoint.every_n_steps", 0, "steps between checkpoints (0: never)"),
+    ("checkpoint.keep", 0, "checkpoints kept (0: all)"),
+    ("watchdog.timeout_s", 0, "seconds without progress (0: off)"),
+    ("fabric.collective_timeout_s", 1, "process-group timeout"),
+    ("fabric.smoke_timeout_s", 1, "smoke test timeout"),
+    ("tracking.system_metrics_interval_s", 0.1, "seconds between samples"),
+)
+
+
+def _get(job: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        job = getattr(job, part)
+    return job
+
+
+def check_values(job: JobConfig) -> None:
+    """Values a rank would trip over (a ZeroDivisionError, a NaN loss, a job that trains
+    nothing and exits 0) refused here, before any process starts, one message each."""
+    builtin = not user_program(job)
+    for key, low, what in _AT_LEAST:
+        if not builtin and key.split(".")[0] in ("train", "model", "data"):
+            continue  # the user's program reads its own settings
+        value = _get(job, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number ({what})", f"set {key} to a number >= {low:g}")
+        if value < low:
+            raise ConfigError(f"{key}={value} is below {low:g} ({what})", f"set {key} to {low:g} or more")
+    if builtin:
+        lr = job.train.lr
+        if not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"train.lr={lr} is not a positive finite learning rate", "e.g. train.lr=3e-3")
+        if not 0 <= job.model.dropout < 1:
+            raise ConfigError(f"model.dropout={job.model.dropout} is not in [0, 1)", "e.g. model.dropout=0.1")
+    if job.resume not in ("none", "auto"):
+        path = Path(job.resume).expanduser()
+        if not path.exists():
+            raise ConfigError(f"resume={job.resume}: no such checkpoint (looked for {path.absolute()})",
+                              "give a checkpoint directory (step-NNNNNNNN) or a checkpoint.dir holding one, "
+                              "or resume=auto for the newest complete checkpoint")
 
 
 def _ray_ships_code(job: JobConfig) -> bool:

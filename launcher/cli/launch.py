@@ -18,6 +18,7 @@ sbatch, the Ray Jobs API), or the job run here (:func:`~aitrain.launcher.driver.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -123,9 +124,13 @@ def _dry_run_requested(overrides: Sequence[str]) -> bool:
 
 def _hydra_main(argv: list[str]) -> None:
     import hydra
+    import hydra._internal.utils as hydra_utils
+
+    started = []
 
     @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
     def _task(cfg: Any) -> None:
+        started.append(True)
         try:
             code = launch(cfg)
         except AitrainError as e:
@@ -134,12 +139,55 @@ def _hydra_main(argv: list[str]) -> None:
         if code:
             raise SystemExit(code)
 
+    # Hydra reports what fails before the job starts (a wrong type, an unknown option of a
+    # group, a run dir it cannot create) in its own format with exit code 1; aitrain's usage
+    # errors are one `aitrain: error:` line, a HINT and exit code 2, whoever found them.
+    hydra_report = hydra_utils.run_and_report
+
+    def report(func: Any) -> Any:
+        try:
+            return func()
+        except Exception as e:
+            if started or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                return hydra_report(lambda: _raise(e))
+            error = usage_error(e)
+            print(f"aitrain: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(error.exit_code) from None
+
     saved = sys.argv
     sys.argv = ["aitrain launch", *argv]
+    hydra_utils.run_and_report = report
     try:
         _task()
     finally:
         sys.argv = saved
+        hydra_utils.run_and_report = hydra_report
+
+
+def _raise(e: BaseException) -> Any:
+    raise e
+
+
+def usage_error(e: BaseException) -> AitrainError:
+    """What Hydra or OmegaConf refused before the job started, as aitrain's one-line error."""
+    from hydra.errors import HydraException
+
+    if isinstance(e, AitrainError):
+        return e
+    if isinstance(e, OSError) and not isinstance(e, HydraException):
+        where = f" {e.filename}" if e.filename else ""
+        return ConfigError(f"cannot create the run directory{where}: {e.strerror or e}",
+                           "set run_root= (or hydra.run.dir=) to a directory you can write")
+    text = str(e).split("Config search path:")[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 2 and lines[1].startswith("Available options"):  # a group's options, one per line
+        lines = [lines[0], f"{lines[1]} {', '.join(lines[2:])}"]
+    cause = e.__cause__
+    if cause is not None and str(cause).strip() and not any(str(cause).strip().splitlines()[0] in x for x in lines):
+        lines.append(str(cause).strip().splitlines()[0])
+    text = "; ".join(lines[:3]) or type(e).__name__
+    return ConfigError(f"cannot compose the job: {text}",
+                       "`aitrain launch --help` lists the groups, their options and every key with its type")
 
 
 # -- composing without a Hydra run (dry runs, aitrain.submit) ---------------------------------
@@ -171,7 +219,7 @@ def compose_job(overrides: Sequence[str], *, sweep_num: int | None = None) -> An
     except AitrainError:
         raise
     except Exception as e:  # hydra's ConfigCompositionException, MissingConfigException ...
-        raise ConfigError(f"cannot compose the job: {e}", "check the overrides (`aitrain launch --help`)") from e
+        raise usage_error(e) from e
     with open_dict(cfg):
         if sweep_num is not None:
             cfg.hydra.job.num = sweep_num
@@ -261,12 +309,17 @@ def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Req
     from aitrain.launcher.backends import get_backend
     from aitrain.launcher.job import plan_job
 
+    from omegaconf.errors import OmegaConfBaseException
+
     launch_dir, chdir = _launch_dir()
-    if chdir:
-        _anchor_paths(cfg, launch_dir)
-    job = to_job_config(cfg)
+    try:
+        if chdir:
+            _anchor_paths(cfg, launch_dir)
+        job = to_job_config(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:  # an interpolation that resolves to the wrong type, ...
+        raise usage_error(e) from e
     backend = get_backend(job.backend)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     spec = plan_job(job, resolved={str(k): v for k, v in resolved.items()},
                     config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
