@@ -148,9 +148,10 @@ def _hydra_main(argv: list[str]) -> None:
         try:
             return func()
         except Exception as e:
-            if started or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                return hydra_report(lambda: _raise(e))
-            error = usage_error(e)
+            failure = e
+            if started or os.environ.get("HYDRA_FULL_ERROR") == "1":  # the job's own errors: Hydra's report
+                return hydra_report(lambda: _raise(failure))
+            error = usage_error(failure)
             print(f"aitrain: error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(error.exit_code) from None
 
@@ -305,11 +306,10 @@ def _anchor_paths(cfg: Any, launch_dir: Path) -> None:
 def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Request]:
     """(backend, request) for one composed job: planned once, dry-run by its backend."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from aitrain.launcher.backends import get_backend
     from aitrain.launcher.job import plan_job
-
-    from omegaconf.errors import OmegaConfBaseException
 
     launch_dir, chdir = _launch_dir()
     try:
