@@ -1,17 +1,28 @@
 """Rank output on one node: one log file per rank, and a deduplicated, filtered console.
 
 torch's elastic agent is told (through :class:`RankLogsSpecs`) to connect each rank's
-stdout and stderr to a named pipe that this module reads as the bytes arrive. Every line
+stdout and stderr to a named pipe that this module reads as the bytes arrive. Every byte
 goes to ``<log_dir>/rank<N>.log`` (both streams, in arrival order); lines of the ranks
 selected by ``log.ranks`` go to the console with a ``[rankN]:`` prefix (stderr lines to
-stderr). With ``log.dedup=true`` a line that several ranks print within a few seconds is
-shown once, and then once more as ``[rank1-7]:<line> [repeated 7x]`` for the copies that
-were held back (as Ray does).
+stderr).
+
+Progress bars (``\\r`` updates, as tqdm writes them) reach the console as they come, with
+the rank prefix: on a terminal as one line redrawn in place (one rank's bar at a time: a
+line flickering between ranks' bars is unreadable), elsewhere (a pipe, a CI log) as one
+line per update, at most one a second per rank and stream, so a 10 Hz bar does not flood
+the log. When the bar's newline comes its last state stays as an ordinary line. The
+rank's log file gets every update, byte for byte.
+
+With ``log.dedup=true`` a line that several ranks print within ``DEDUP_WINDOW_S`` is shown
+once, and then once more as ``[rank1-7]:<line> [repeated 7x]`` for the copies that were
+held back (as Ray does). A held-back rank's later lines wait behind that summary, so a
+rank's own lines keep their order; no line waits longer than the window.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import shutil
@@ -24,9 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-DEDUP_WINDOW_S = 5.0
+# How long the copies of a line are collected before their "[repeated Nx]" summary is
+# printed; also the most any line (and the lines of that rank after it) is held back.
+DEDUP_WINDOW_S = 0.4
+# Progress updates (\r) shown per rank and stream: on a terminal (redrawn in place) and
+# elsewhere (one line each). The last state is always shown, at most this late.
+PROGRESS_INTERVAL_TTY_S = 0.05
+PROGRESS_INTERVAL_S = 1.0
 TAIL_LINES = 30  # kept per rank for the failure message
-MAX_LINE = 64 * 1024  # a line without newline is cut here (progress bars, binary junk)
+MAX_LINE = 64 * 1024  # a line without newline is cut here (binary junk, a line that never ends)
+
+_CLEAR_EOL = "\x1b[K"
 
 
 def parse_ranks(spec: str | int | None) -> set[int] | None:
@@ -58,36 +77,163 @@ def compact_ranks(ranks: list[int] | set[int]) -> str:
     return format_cpulist(list(ranks))
 
 
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 @dataclass
-class _Pending:
+class _Group:
+    """A line shown by ``first`` at ``t0``; the copies of other ranks (``held``) wait for its summary."""
+
+    key: tuple[bool, str]
     t0: float
-    seen: set[int]
+    first: int
     held: list[int] = field(default_factory=list)
 
 
+# One output of a rank that waits behind a summary: (is progress, is stderr, text, arrival time).
+_Waiting = tuple[bool, bool, str, float]
+_Src = tuple[int, bool]  # (rank, is stderr)
+
+
 class Console:
-    """Rank lines to the terminal: filter by rank, collapse identical lines of several ranks."""
+    """Rank lines to the terminal: filter by rank, collapse identical lines of several ranks,
+    show ``\\r`` progress as it comes.
+
+    Order: a rank's lines are printed in the order it wrote them. A copy of a line another
+    rank printed just before is held back to be counted in one ``[repeated Nx]`` summary;
+    the rank's later lines wait behind it. Every hold ends ``window_s`` after the held line
+    came: :meth:`tick` prints what is due, :meth:`next_deadline` says when to call it.
+    """
 
     def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, ranks: set[int] | None = None,
-                 dedup: bool = True, window_s: float = DEDUP_WINDOW_S, clock: Any = time.monotonic) -> None:
+                 dedup: bool = True, window_s: float = DEDUP_WINDOW_S, clock: Any = time.monotonic,
+                 progress_interval_s: float | None = None) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.ranks = ranks
         self.dedup = dedup
         self.window_s = window_s
         self.clock = clock
-        self._pending: dict[tuple[bool, str], _Pending] = {}
+        self._tty = {False: _isatty(self.out), True: _isatty(self.err)}
+        self._interval = {is_err: progress_interval_s if progress_interval_s is not None else
+                          (PROGRESS_INTERVAL_TTY_S if tty else PROGRESS_INTERVAL_S)
+                          for is_err, tty in self._tty.items()}
+        # Lines shown within the window, oldest first (a dict keeps insertion order).
+        self._recent: dict[tuple[bool, str], _Group] = {}
+        self._blocked: dict[int, tuple[_Group, float]] = {}  # rank -> the group it waits in, until when
+        self._waiting: dict[int, deque[_Waiting]] = {}  # rank -> what it wrote after its held line
+        self._due = float("inf")  # the earliest deadline in _blocked
+        self._progress_at: dict[_Src, float] = {}  # when a source's progress was last shown
+        self._progress_shown: dict[_Src, str] = {}  # not a terminal: the state printed last
+        self._progress_due: dict[_Src, str] = {}  # a newer state, shown when the interval is over
+        self._live: tuple[_Src, str] | None = None  # the progress line drawn in place on a terminal
+        self._live_at = 0.0
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _stream(self, is_err: bool) -> TextIO:
+        return self.err if is_err else self.out
 
     def _emit(self, is_err: bool, prefix: str, text: str) -> None:
-        (self.err if is_err else self.out).write(f"[rank{prefix}]:{text}\n")
+        self._write(is_err, f"[rank{prefix}]:{text}\n")
 
-    def _summary(self, is_err: bool, text: str, p: _Pending) -> None:
-        if p.held:
-            self._emit(is_err, compact_ranks(p.held), f"{text} [repeated {len(p.held)}x]")
+    def _write(self, is_err: bool, text: str) -> None:
+        live = self._live
+        if live is None or not self._tty[is_err]:
+            self._stream(is_err).write(text)
+            return
+        # A progress line is drawn on the terminal: the line goes above it, the bar stays last.
+        (src, drawn), stream = live, self._stream(is_err)
+        bar = self._stream(src[1])
+        bar.write("\r" + _CLEAR_EOL)
+        bar.flush()
+        stream.write(text)
+        stream.flush()
+        bar.write(drawn)
+        bar.flush()
+
+    def _end_live(self, keep: bool) -> None:
+        """The in-place progress line is over: keep its last state as a line, or wipe it."""
+        if self._live is None:
+            return
+        (src, _drawn), self._live = self._live, None
+        bar = self._stream(src[1])
+        bar.write("\n" if keep else "\r" + _CLEAR_EOL)
+        bar.flush()
+
+    def _draw_progress(self, src: _Src, text: str, now: float) -> None:
+        rank, is_err = src
+        self._progress_at[src] = now
+        self._progress_due.pop(src, None)
+        if not self._tty[is_err]:
+            self._progress_shown[src] = text
+            self._emit(is_err, str(rank), text)
+            return
+        if self._live is not None and self._live[0] != src:
+            if now - self._live_at < PROGRESS_INTERVAL_S:
+                return  # one bar at a time: another rank's is being drawn (its file has this one)
+            self._end_live(keep=True)  # that bar stalled: its last state stays above
+        drawn = f"[rank{rank}]:{text}"
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be redrawn with \r
+        if len(drawn) > width > 0:
+            drawn = drawn[:width]
+        drawn = "\r" + drawn + _CLEAR_EOL
+        self._live, self._live_at = (src, drawn), now
+        stream = self._stream(is_err)
+        stream.write(drawn)
+        stream.flush()
+
+    # -- what the reader calls ---------------------------------------------------------
 
     def line(self, rank: int, text: str, is_err: bool = False) -> None:
+        """A complete line of a rank (also the last state of a progress line, at its newline)."""
         if self.ranks is not None and rank not in self.ranks:
             return
+        now = self.clock()
+        if now >= self._due:
+            self._expire(now)
+        waiting = self._waiting.get(rank)
+        if waiting is not None:
+            waiting.append((False, is_err, text, now))
+            return
+        self._line(rank, is_err, text, now, now)
+
+    def progress(self, rank: int, text: str, is_err: bool = False) -> None:
+        """The current state of a rank's line that is being rewritten with ``\\r``."""
+        if self.ranks is not None and rank not in self.ranks:
+            return
+        now = self.clock()
+        if now >= self._due:
+            self._expire(now)
+        waiting = self._waiting.get(rank)
+        if waiting is not None:  # behind a held line: only the newest state matters
+            if waiting and waiting[-1][0] and waiting[-1][1] == is_err:
+                waiting[-1] = (True, is_err, text, waiting[-1][3])
+            else:
+                waiting.append((True, is_err, text, now))
+            return
+        self._progress(rank, is_err, text, now)
+
+    def _progress(self, rank: int, is_err: bool, text: str, now: float) -> None:
+        src = (rank, is_err)
+        if now - self._progress_at.get(src, -1e18) < self._interval[is_err]:
+            self._progress_due[src] = text
+        else:
+            self._draw_progress(src, text, now)
+
+    def _line(self, rank: int, is_err: bool, text: str, now: float, came: float) -> None:
+        src = (rank, is_err)
+        if self._progress_at:  # this source's progress line (if any) ends here
+            self._progress_at.pop(src, None)
+            self._progress_due.pop(src, None)
+            if self._live is not None and self._live[0] == src:
+                self._end_live(keep=False)  # the line below replaces the bar
+            elif self._progress_shown.pop(src, None) == text:
+                return  # its last state is already on its own line
         own = f"[rank{rank}]:"
         # torch prefixes a rank's traceback itself: one prefix is enough on the console. Such
         # lines differ from rank to rank, so they are never folded together.
@@ -95,28 +241,84 @@ class Console:
         if not self.dedup:
             self._emit(is_err, str(rank), shown)
             return
-        now = self.clock()
         key = (is_err, text)
-        p = self._pending.get(key)
-        if p is not None and now - p.t0 <= self.window_s and rank not in p.seen:
-            p.seen.add(rank)
-            p.held.append(rank)
+        g = self._recent.get(key)
+        if g is not None and (rank == g.first or came - g.t0 > self.window_s):
+            self._close(g, now)  # the same rank says it again, or the window is over: a new occurrence
+            g = None
+        if g is None:
+            self._emit(is_err, str(rank), shown)
+            self._recent[key] = _Group(key, now, rank)
             return
-        if p is not None:  # the window is over, or the same rank says it again: a new occurrence
-            self._summary(is_err, text, p)
-        self._emit(is_err, str(rank), shown)
-        self._pending[key] = _Pending(now, {rank})
+        g.held.append(rank)  # a copy: counted in the summary; the rank's next lines wait for it
+        due = min(g.t0, came) + self.window_s
+        self._blocked[rank] = (g, due)
+        self._waiting.setdefault(rank, deque())
+        self._due = min(self._due, due)
+
+    def _close(self, g: _Group, now: float) -> None:
+        """Print the group's summary; its ranks go on with what they wrote after their copy."""
+        if self._recent.get(g.key) is g:
+            del self._recent[g.key]
+        if not g.held:
+            return
+        held, g.held = g.held, []
+        self._emit(g.key[0], compact_ranks(held), f"{g.key[1]} [repeated {len(held)}x]")
+        for rank in held:
+            del self._blocked[rank]
+        self._due = min((due for _g, due in self._blocked.values()), default=float("inf"))
+        for rank in held:
+            self._resume(rank, now)
+
+    def _resume(self, rank: int, now: float) -> None:
+        waiting = self._waiting.get(rank)
+        while waiting and rank not in self._blocked:
+            is_progress, is_err, text, came = waiting.popleft()
+            if is_progress:
+                self._progress(rank, is_err, text, now)
+            else:
+                self._line(rank, is_err, text, now, came)
+        if rank not in self._blocked:
+            self._waiting.pop(rank, None)
+
+    def _expire(self, now: float) -> None:
+        while self._blocked:
+            g, due = min(self._blocked.values(), key=lambda b: b[1])
+            if due > now:
+                break
+            self._close(g, now)
+        self._due = min((due for _g, due in self._blocked.values()), default=float("inf"))
 
     def tick(self) -> None:
-        """Print the summaries of windows that have closed."""
+        """Print what is due: summaries whose window is over, progress states held by the interval."""
         now = self.clock()
-        for key in [k for k, p in self._pending.items() if now - p.t0 > self.window_s]:
-            self._summary(key[0], key[1], self._pending.pop(key))
+        if now >= self._due:
+            self._expire(now)
+        for src, text in list(self._progress_due.items()):
+            if now - self._progress_at.get(src, -1e18) >= self._interval[src[1]]:
+                self._draw_progress(src, text, now)
+        # Forget lines whose window is over (the oldest are first), but not those that a line
+        # still waiting behind a held one (it came at or after its rank's hold began) may copy.
+        horizon = min((due - self.window_s for _g, due in self._blocked.values()), default=now)
+        for g in list(self._recent.values()):
+            if horizon - g.t0 <= self.window_s:
+                break
+            self._close(g, now)
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` has something to print next (the clock's time; inf: nothing)."""
+        due = self._due
+        for src in self._progress_due:
+            due = min(due, self._progress_at.get(src, 0.0) + self._interval[src[1]])
+        return due
 
     def close(self) -> None:
-        for key, p in list(self._pending.items()):
-            self._summary(key[0], key[1], p)
-        self._pending.clear()
+        while self._blocked:
+            self._close(min(self._blocked.values(), key=lambda b: b[1])[0], self.clock())
+        for g in list(self._recent.values()):
+            self._close(g, self.clock())
+        self._progress_due.clear()
+        self._end_live(keep=True)
         self.flush()
 
     def flush(self) -> None:
@@ -133,7 +335,16 @@ class _Source:
     rank: int
     is_err: bool
     sink: Any  # the rank's log file (binary)
-    buf: bytes = b""
+    buf: bytes = b""  # the line being written (after its last \r)
+    state: str | None = None  # the line's progress state shown last (None: no \r in this line)
+
+
+def _last_segment(line: bytes) -> bytes:
+    """The last part of ``a\\rb\\r`` that is not blank, rstripped: what a terminal shows of it."""
+    for seg in reversed(line.split(b"\r")):
+        if seg.strip():
+            return seg.rstrip()
+    return b""
 
 
 PIPE_DIR_PREFIX = "aitrain-ranks-"
@@ -205,22 +416,50 @@ class RankStreams:
     # -- the reader thread ---------------------------------------------------------
 
     def _lines(self, src: _Source, data: bytes, final: bool = False) -> None:
-        src.buf += data
-        while True:
-            nl = src.buf.find(b"\n")
-            if nl < 0:
-                if len(src.buf) >= MAX_LINE or (final and src.buf):
-                    line, src.buf = src.buf[:MAX_LINE], src.buf[MAX_LINE:]
-                else:
-                    break
-            else:
-                line, src.buf = src.buf[:nl], src.buf[nl + 1:]
-            src.sink.write(line + b"\n")
-            text = line.decode(errors="replace").rstrip("\r")
-            self._tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
-            if src.is_err:
-                self._err_tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
-            self.console.line(src.rank, text, src.is_err)
+        buf = src.buf + data if src.buf else data
+        end = buf.rfind(b"\n") + 1
+        if end:
+            src.sink.write(buf[:end])
+            for raw in buf[:end - 1].split(b"\n"):
+                self._line(src, raw)
+            buf = buf[end:]
+        cr = buf.rfind(b"\r") + 1
+        if cr:  # a progress line: its updates up to the last \r are done with
+            src.sink.write(buf[:cr])
+            state = buf[cr:] if buf[cr:].strip() else _last_segment(buf[:cr - 1])
+            buf = buf[cr:]
+            self._progress(src, state)
+        elif src.state is not None and data and buf.strip():  # an update that came in two reads
+            self._progress(src, buf)
+        while len(buf) >= MAX_LINE:
+            src.sink.write(buf[:MAX_LINE] + b"\n")
+            self._line(src, buf[:MAX_LINE])
+            buf = buf[MAX_LINE:]
+        if final and (buf or src.state is not None):
+            src.sink.write(buf + b"\n")
+            self._line(src, buf)
+            buf = b""
+        src.buf = buf
+
+    def _progress(self, src: _Source, state: bytes) -> None:
+        text = state.decode(errors="replace").rstrip()
+        if text != src.state:
+            src.state = text
+            if text:
+                self.console.progress(src.rank, text, src.is_err)
+
+    def _line(self, src: _Source, raw: bytes) -> None:
+        if src.state is not None or b"\r" in raw:
+            # The end of a progress line (or a CRLF line): the console shows its last state.
+            last = _last_segment(raw)
+            text = last.decode(errors="replace") if last else (src.state or "")
+            src.state = None
+        else:
+            text = raw.decode(errors="replace")
+        self._tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
+        if src.is_err:
+            self._err_tails.setdefault(src.rank, deque(maxlen=TAIL_LINES)).append(text)
+        self.console.line(src.rank, text, src.is_err)
 
     def _read(self, poller: select.poll, src: _Source, until_empty: bool) -> None:
         while True:
@@ -267,7 +506,10 @@ class RankStreams:
                     for w in waiters:
                         w.set()
                 stopping = self._stop.is_set()
-                for fd, _ev in poller.poll(0 if stopping else self.poll_ms):
+                # Wake up for the console's next due output (a held line's summary, a progress state).
+                due_ms = (self.console.next_deadline() - self.console.clock()) * 1000
+                wait_ms = 0 if stopping else max(0, math.ceil(min(float(self.poll_ms), due_ms)))
+                for fd, _ev in poller.poll(wait_ms):
                     ready = self._sources.get(fd)
                     if ready is not None:
                         self._read(poller, ready, until_empty=False)
