@@ -85,6 +85,11 @@ def run_job(backend: Backend, request: Request) -> LaunchResult:
     prepare_run_dir(spec)
     handle = register_foreground(spec, backend.name)
     tracker = start_tracker(spec, request)
+    if tracker is not None:
+        from aitrain.launcher.ghosts import record_launcher, recover_from_registry
+
+        record_launcher(spec.run_dir)  # if this process is killed outright, the next command ends its run
+        threading.Thread(target=recover_from_registry, name="aitrain-ghosts", daemon=True).start()
     if tracker is not None and user_program(spec.config):
         # The user's code may log to MLflow itself: into this launch's run, not a second one.
         mlflow_env = tracker.rank_env()

@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from aitrain.launcher.backends import backend_for_handle
 
     if args.command == "list":
+        from aitrain.launcher.ghosts import recover_from_registry
+
+        recover_from_registry()  # MLflow runs left RUNNING by a launcher that was killed
         return list_jobs(args)
     backend = backend_for_handle(args.handle)
     if args.command == "status":

@@ -131,8 +131,11 @@ def summarize(run: Any) -> dict[str, Any]:
 
 
 def list_runs(client: Any, args: argparse.Namespace) -> int:
-    runs = client.search_runs([_experiment_id(client, args.experiment)], order_by=["attributes.start_time DESC"],
-                              max_results=max(1, args.last))
+    from aitrain.launcher.ghosts import recover_from_store
+
+    exp_id = _experiment_id(client, args.experiment)
+    recover_from_store(client, [exp_id])  # runs left RUNNING by a launcher that was killed
+    runs = client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=max(1, args.last))
     rows = [summarize(r) for r in runs]
     if args.json:
         print(json.dumps(rows, indent=2))

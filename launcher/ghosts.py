@@ -1,0 +1,122 @@
+"""MLflow runs whose launcher was killed outright (SIGKILL, OOM, a closed laptop): no RUNNING ghosts.
+
+A launcher that dies without running its ``finally`` leaves its MLflow run RUNNING and the
+rest of its spool (``tracking.json``, metrics.jsonl, logs) in the run dir. Each launch
+records who it is (``launcher.json``: host, boot id, pid and the pid's start time); the next
+aitrain command that touches the store or the job registry (``aitrain runs``, ``aitrain
+list``, a launch) finds runs whose launcher is gone from this host, sends what was spooled
+and ends them KILLED, as ``aitrain runs sync`` would. A launcher on another host (a Slurm
+batch job on a compute node) is never judged from here.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from aitrain.launcher.util import process_alive, process_start, write_atomic
+
+LAUNCHER_FILE = "launcher.json"
+LOCK_FILE = "tracking.lock"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def record_launcher(run_dir: Path) -> None:
+    """This process is the launcher of ``run_dir``'s MLflow run."""
+    pid = os.getpid()
+    write_atomic(Path(run_dir) / LAUNCHER_FILE, json.dumps({
+        "host": socket.gethostname(), "boot_id": _boot_id(), "pid": pid, "start": process_start(pid)}))
+
+
+def launcher_gone(run_dir: Path) -> bool:
+    """True only when the run's launcher ran on this host and is certainly not running now."""
+    try:
+        who = json.loads((Path(run_dir) / LAUNCHER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if who.get("host") != socket.gethostname():
+        return False
+    if who.get("boot_id") and who["boot_id"] != _boot_id():
+        return True  # the machine rebooted since
+    return not process_alive(int(who.get("pid") or 0), who.get("start"))
+
+
+def _unfinished(run_dir: Path) -> dict[str, Any] | None:
+    from aitrain.launcher.tracking import STATE_FILE
+
+    try:
+        state = json.loads((Path(run_dir) / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return None if state.get("finished") else state
+
+
+def recover(run_dir: Path, *, say: Callable[[str], None] | None = None, timeout: float = 30.0) -> bool:
+    """Send a killed launch's spool and end its run KILLED. False when there was nothing to do,
+    another aitrain command is doing it, or the store could not take it (tried again next time)."""
+    from aitrain.launcher.tracking import Tracker
+
+    run_dir = Path(run_dir)
+    state = _unfinished(run_dir)
+    if state is None or not launcher_gone(run_dir):
+        return False
+    try:
+        lock = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115  (held until the end of the function)
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # another command is recovering it
+        if _unfinished(run_dir) is None:
+            return False
+        tracker = Tracker.from_run_dir(run_dir, drain_timeout_s=timeout)
+        ok = tracker.finish("KILLED", timeout=timeout + 5)
+    if ok and say is not None:
+        say(f"aitrain: MLflow run {tracker.run_id} ({run_dir}) was left RUNNING by a launcher that was killed; "
+            "its spooled metrics and logs are sent and the run is marked KILLED")
+    return ok
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def recover_dirs(run_dirs: Iterable[Path | str], say: Callable[[str], None] | None = _stderr) -> int:
+    """Recover the killed launches among ``run_dirs``; how many were."""
+    done = 0
+    for d in run_dirs:
+        try:
+            done += recover(Path(d), say=say)
+        except Exception as e:  # never let a ghost take down the command that found it
+            if say is not None:
+                say(f"aitrain: could not finish the MLflow run of {d} ({type(e).__name__}: {e}); "
+                    f"aitrain runs sync {d} tries again")
+    return done
+
+
+def recover_from_registry(say: Callable[[str], None] | None = _stderr) -> int:
+    """The killed launches among the jobs launched from this machine (``aitrain list``'s registry)."""
+    from aitrain.launcher.backends.api import JobRegistry
+
+    return recover_dirs((str(e.get("run_dir")) for _, e in JobRegistry().entries() if e.get("run_dir")), say)
+
+
+def recover_from_store(client: Any, experiment_ids: list[str],
+                       say: Callable[[str], None] | None = _stderr) -> int:
+    """The killed launches among the store's RUNNING runs (``aitrain runs``)."""
+    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=200)
+    return recover_dirs((r.data.tags["aitrain.run_dir"] for r in runs if r.data.tags.get("aitrain.run_dir")), say)
