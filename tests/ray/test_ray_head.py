@@ -172,3 +172,31 @@ def test_torchrun_command_shape_on_ray(head: LocalHead, tmp_path: Path, address:
     assert [s["argv"] for s in seen] == [args, args]
     assert seen[0]["mlflow_run"] and seen[0]["mlflow_run"] == seen[1]["mlflow_run"]
     assert_nothing_left(head)
+
+
+def test_progress_bar_reaches_the_console_as_it_comes(head: LocalHead, tmp_path: Path) -> None:
+    """A rank's \\r progress bar on Ray: shown while it runs (a line a second off a terminal),
+    ending as its last state, as on the local backend."""
+    import subprocess
+    import threading
+
+    from aitrain_testing import aitrain_argv
+
+    script = REPO / "tests" / "scripts" / "progress_bar_job.py"
+    proc = subprocess.Popen(aitrain_argv() + ["launch", "backend=ray", f"backend.address={head.client}",
+                                              "nproc_per_node=1", "tracking=none", "fabric=off",
+                                              "fabric.env.UPDATES=25", "fabric.env.UPDATE_SLEEP=0.1", "--",
+                                              str(script)],
+                            cwd=tmp_path, env=head.env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: err.extend((time.monotonic(), x) for x in proc.stderr or ()))
+    reader.start()
+    out = proc.stdout.read() if proc.stdout else ""
+    proc.wait(timeout=180)
+    reader.join()
+    assert proc.returncode == 0, out + "".join(x for _, x in err)
+    bars = [(t, x.strip()) for t, x in err if x.startswith("[rank0 node0]:training:")]
+    assert len(bars) >= 3 and bars[-1][1] == "[rank0 node0]:training: 25/25 steps", bars
+    assert bars[-1][0] - bars[0][0] > 1.5  # shown while it ran, not all at its newline
+    assert_nothing_left(head)

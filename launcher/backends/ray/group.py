@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain.errors import BackendError
+from aitrain.launcher.backends.ray.worker import PROGRESS_MARK
 from aitrain.launcher.failures import RankExit, error_line, exit_from_status, root_cause_first
 from aitrain.launcher.node.logstream import Console, parse_ranks
 from aitrain.launcher.nodes import NodesRun, SmokeOutcome
@@ -341,7 +342,9 @@ class RankGroup:
         failed: list[RankExit] = []
         try:
             while pending and not failed:
-                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=1.0)
+                # Wake for what the console holds (a folded line, a progress state) as well.
+                wake = min(1.0, max(0.05, console.next_deadline() - time.monotonic()))
+                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=wake)
                 console.tick()
                 for ref in ready:
                     i = pending.pop(ref)
@@ -374,7 +377,10 @@ class RankGroup:
         if r["dropped"]:
             console.line(s.rank, f"[{r['dropped']} line(s) skipped; the full output is in the rank's log file]", True)
         for is_err, text in r["lines"]:
-            console.line(s.rank, text, is_err)
+            if text.startswith(PROGRESS_MARK):
+                console.progress(s.rank, text[len(PROGRESS_MARK):], is_err)
+            else:
+                console.line(s.rank, text, is_err)
         if r["exit"] not in (None, 0):
             return r, exit_from_status(s.rank, r["exit"], node=s.node, ended_at=r["exited_at"] or time.time())
         return r, None

@@ -278,14 +278,17 @@ class RankActor:
         while len(rest) > MAX_LINE:
             lines.append(rest[:MAX_LINE])
             rest = rest[MAX_LINE:]
-        if not lines:
+        progress = _shown(rest) if b"\r" in rest else ""
+        if not lines and not progress:
             return rest
         with self._cond:
             for raw in lines:
                 log.write(raw + b"\n")
-                text = raw.decode(errors="replace").rstrip("\r")
+                text = _shown(raw)  # a \r-rewritten line ends as what a terminal shows
                 self._lines.append((is_err, text))
                 self._tail.append(text)
+            if progress:  # a line still being rewritten with \r (a progress bar): its state now
+                self._lines.append((is_err, PROGRESS_MARK + progress))
             while len(self._lines) > MAX_BUFFERED_LINES:
                 self._lines.popleft()
                 self._base += 1
@@ -350,6 +353,16 @@ DEFAULT_WARM_IMPORTS = "torch,torch.distributed,torch._dynamo"
 # final env changes one of them, the rank is started fresh instead of from the warm one.
 STARTUP_VARS = re.compile(r"^(PYTHON\w*|LD_\w+|TORCH_CPP_LOG_LEVEL|TORCH_SHOW_CPP_STACKTRACES|TORCH_LOGS|"
                           r"MKL_\w+|KMP_\w+|GOMP_\w+|OMP_(?!NUM_THREADS$)\w+|MALLOC_\w+|PATH)$")
+
+
+# Marks an entry of ``poll``'s lines that is the current state of a \r progress line.
+PROGRESS_MARK = "\x00progress\x00"
+
+
+def _shown(raw: bytes) -> str:
+    """What a terminal shows of a line rewritten with ``\\r``: its last non-empty segment."""
+    text = raw.decode(errors="replace").rstrip("\r")
+    return next((seg for seg in reversed(text.split("\r")) if seg), "")
 
 
 def warm_compatible(argv: list[str], before: dict[str, str], after: dict[str, str]) -> bool:
