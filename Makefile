@@ -1,7 +1,8 @@
 # The two quick-start commands: `make run` and `make test` (see README.md).
 PYTHON ?= python3
 VENV   ?= .venv
-PIP     = $(VENV)/bin/pip -q --disable-pip-version-check
+# pip's own progress (what it downloads and builds) stays visible: the first install takes minutes.
+PIP     = $(VENV)/bin/pip --disable-pip-version-check --progress-bar on
 
 .PHONY: run test install clean
 
@@ -10,10 +11,13 @@ $(VENV)/bin/python:
 
 # Installs aitrain (torch pinned to the local CPU build through constraints.txt).
 install: $(VENV)/bin/python
+	@echo "== installing aitrain and its dependencies (torch, hydra-core, mlflow, numpy) into $(VENV)"
 	$(PIP) install -c constraints.txt -e .
+	@echo "== installed: $$($(VENV)/bin/aitrain --version)"
 
 # Installs aitrain and runs the default job: 2 local ranks, built-in GPT, MLflow under outputs/.
 run: install
+	@echo "== running the default job: aitrain launch"
 	$(VENV)/bin/aitrain launch
 
 # Installs what the tests need (Python extras, and Debian packages when root) and runs the suite.

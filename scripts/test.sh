@@ -8,9 +8,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-echo "== installing aitrain and test extras into $VENV"
-"$VENV/bin/pip" install -q --disable-pip-version-check -c constraints.txt -e '.[test,ray]' 2>&1 \
-  | grep -v "is ignored: it is neither a file nor a directory" || true
+echo "== installing aitrain and the test extras (pytest, ray, the frameworks the tests run) into $VENV"
+# pip's lines (Collecting, Downloading, Installing) show progress; a failed install stops here.
+"$VENV/bin/pip" install --disable-pip-version-check -c constraints.txt -e '.[test,ray]' 2>&1 \
+  | { grep -v -e "is ignored: it is neither a file nor a directory" -e "^Requirement already satisfied" || true; }
 
 # System packages the real-thing tests use. Only as root on Debian; otherwise those tests skip.
 DEB_PACKAGES="python3-pyverbs iproute2 linux-perf slurm-wlm munge"
