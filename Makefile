@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 # pip's own progress (what it downloads and builds) stays visible: the first install takes minutes.
-PIP     = $(VENV)/bin/pip --disable-pip-version-check --progress-bar on
+PIP     = $(VENV)/bin/pip --disable-pip-version-check
 
 .PHONY: run test install clean
 
@@ -12,7 +12,7 @@ $(VENV)/bin/python:
 # Installs aitrain (torch pinned to the local CPU build through constraints.txt).
 install: $(VENV)/bin/python
 	@echo "== installing aitrain and its dependencies (torch, hydra-core, mlflow, numpy) into $(VENV)"
-	$(PIP) install -c constraints.txt -e .
+	$(PIP) install --progress-bar on -c constraints.txt -e .
 	@echo "== installed: $$($(VENV)/bin/aitrain --version)"
 
 # Installs aitrain and runs the default job: 2 local ranks, built-in GPT, MLflow under outputs/.
