@@ -66,6 +66,9 @@ class AgentRequest:
         return json.dumps(asdict(self))
 
 
+RESULT_FD_ENV = "AITRAIN_AGENT_RESULT_FD"
+
+
 class AgentResult(NodeResult):
     """What the agent writes to ``result_file`` when its ranks have ended (one node's
     :class:`~aitrain.launcher.failures.NodeResult`: ok, exit code, message, hint, and how
@@ -231,6 +234,8 @@ class AgentProcess:
     """A started agent process waiting for its request (see module docstring)."""
 
     def __init__(self) -> None:
+        # The result also comes back through a pipe: a full or failing disk must not lose it.
+        self._result_r, result_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aitrain.launcher.agent"],
             stdin=subprocess.PIPE,
@@ -238,7 +243,18 @@ class AgentProcess:
             # Its own process group: a terminal Ctrl-C reaches only the CLI, which
             # forwards it once (two SIGINTs would interrupt the agent's teardown).
             start_new_session=True,
+            pass_fds=(result_w,),
+            env={**os.environ, RESULT_FD_ENV: str(result_w)},
         )
+        os.close(result_w)
+
+    def _piped_result(self) -> AgentResult | None:
+        with os.fdopen(self._result_r, "rb") as r:
+            data = r.read()
+        try:
+            return AgentResult.from_dict(json.loads(data)) if data.strip() else None  # type: ignore[return-value]
+        except (ValueError, TypeError, AttributeError):
+            return None
 
     def run(self, req: AgentRequest) -> AgentResult:
         """Send the request and wait; SIGINT/SIGTERM/SIGHUP to the CLI are forwarded."""
@@ -261,7 +277,7 @@ class AgentProcess:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        result = AgentResult.read(Path(req.result_file))
+        result = AgentResult.read(Path(req.result_file)) or self._piped_result()
         if result is not None:
             return result
         if forwarded:
@@ -276,6 +292,10 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        try:
+            os.close(self._result_r)
+        except OSError:
+            pass
         if self.proc.stdin is not None:
             self.proc.stdin.close()
 
@@ -356,6 +376,7 @@ def _slurm_request(path: str) -> AgentRequest:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    result_fd = os.environ.pop(RESULT_FD_ENV, "")  # not for the ranks
     from aitrain.launcher.supervise import die_with_parent
 
     _install_preemption_forwarding()
@@ -372,7 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         req = AgentRequest(**json.loads(Path(argv[0]).read_text()))
     result = run_agent(req)
-    result.write(Path(req.result_file))
+    try:
+        result.write(Path(req.result_file))
+    except OSError as e:
+        from aitrain.launcher.node.logstream import describe_os_error
+
+        print(f"aitrain.agent: {describe_os_error(e, req.result_file)}", file=sys.stderr, flush=True)
+    if result_fd.isdigit():  # the launcher that started this agent reads it from the pipe if the file is missing
+        try:
+            with os.fdopen(int(result_fd), "wb") as w:
+                w.write(json.dumps(result.to_dict()).encode())
+        except OSError:
+            pass
     return result.exit_code
 
 

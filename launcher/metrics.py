@@ -8,9 +8,12 @@ and no metric is lost.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,21 +21,81 @@ from typing import Any
 METRICS_ENV = "AITRAIN_METRICS_FILE"
 
 
+MAX_HELD = 10_000  # records kept in memory while the file cannot be written (a full disk)
+
+
 class MetricsWriter:
+    """Appends rank 0's metrics to the spool. A storage fault (ENOSPC, EIO, ...) never stops
+    training: records are held in memory (the newest ``MAX_HELD``) and written when the file
+    takes them again; the fault, and any records dropped, are said once on stderr."""
+
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         path = path or os.environ.get(METRICS_ENV)
-        self._f = open(path, "a", buffering=1) if path else None
+        self.path = Path(path) if path else None
+        self._held: deque[str] = deque(maxlen=MAX_HELD)
+        self._dropped = 0
+        self._fault: OSError | None = None
+        self._f: Any = None
+        if self.path is not None:
+            try:
+                self._f = open(self.path, "a", buffering=1)
+            except OSError as e:
+                self._failed(e)
 
     def log(self, step: int, **values: float) -> None:
-        if self._f is None:
+        if self.path is None:
             return
         rec: dict[str, Any] = {"step": step, "time": time.time()}
         rec.update({k: float(v) for k, v in values.items()})
-        self._f.write(json.dumps(rec) + "\n")
+        if len(self._held) == MAX_HELD:
+            self._dropped += 1
+        self._held.append(json.dumps(rec) + "\n")
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            if self._f is None:
+                assert self.path is not None
+                self._f = open(self.path, "a", buffering=1)
+                if self._fault is not None:
+                    self._f.write("\n")  # ends a line the fault cut short, so the next record stands alone
+            while self._held:
+                self._f.write(self._held[0])
+                self._held.popleft()
+            self._f.flush()
+        except OSError as e:
+            self._failed(e)
+            return
+        if self._fault is not None:
+            lost = f"; {self._dropped} older record(s) were dropped" if self._dropped else ""
+            print(f"aitrain: metrics are written to {self.path} again{lost}", file=sys.stderr, flush=True)
+            self._fault, self._dropped = None, 0
+
+    def _failed(self, e: OSError) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+            self._f = None  # reopened on the next record: a partly written line is left behind it
+        if self._fault is None:
+            self._fault = e
+            name = errno.errorcode.get(e.errno or 0, "")
+            print(f"aitrain: cannot write {self.path}: {e.strerror or e}{f' ({name})' if name else ''}; "
+                  f"training goes on, the newest {MAX_HELD} metric records are held in memory until it can",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self._held:
+            self._write()
+        if self._held or self._dropped:
+            print(f"aitrain: {len(self._held) + self._dropped} metric record(s) could not be written to "
+                  f"{self.path}", file=sys.stderr, flush=True)
         if self._f is not None:
-            self._f.close()
+            try:
+                self._f.close()
+            except OSError:
+                pass
             self._f = None
 
 

@@ -376,9 +376,15 @@ class Tracker:
             except Exception as e:
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    print(f"aitrain: tracking server at {redact_uri(self.uri)} is unreachable "
-                          f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
-                          flush=True)
+                    storage = storage_fault(e)
+                    if storage:  # a full or failing disk under the store, not an unreachable server
+                        self.error = f"the MLflow store at {redact_uri(self.uri)}: {storage}"
+                        print(f"aitrain: {self.error}; training goes on, metrics stay spooled in {self.run_dir} "
+                              f"(free space, then: aitrain runs sync {self.run_dir})", flush=True)
+                    else:
+                        print(f"aitrain: tracking server at {redact_uri(self.uri)} is unreachable "
+                              f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
+                              flush=True)
                 backoff = min(max(backoff * 2, 1.0), 15.0)
                 if final and self._finished_at is not None and \
                         time.monotonic() - self._finished_at + backoff > self.drain_timeout_s:
@@ -682,6 +688,26 @@ class Tracker:
             summaries.append(rep.get("summary", ""))
         self.set_tags(**{"aitrain.hang": "true", "aitrain.hang.behind": ",".join(behind) or "unknown",
                          "aitrain.hang.summary": " | ".join(summaries)})
+
+
+def storage_fault(e: BaseException) -> str:
+    """``disk full (ENOSPC)`` when ``e`` (or what caused it) is a storage fault, else ''."""
+    import errno
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
+                                                        errno.EACCES):
+            return f"{seen.strerror} ({errno.errorcode[seen.errno]})"
+        text = str(seen).lower()
+        for needle, what in (("database or disk is full", "disk full (ENOSPC)"),
+                             ("disk i/o error", "disk I/O error (EIO)"),
+                             ("readonly database", "read-only (EROFS/EACCES)"),
+                             ("no space left on device", "disk full (ENOSPC)")):
+            if needle in text:
+                return what
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 def _process_start_time() -> float:

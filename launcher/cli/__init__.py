@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # A log handler that cannot write (Hydra's aitrain.log on a full disk) must not print a
+    # traceback per record; the failure itself is reported where it matters.
+    logging.raiseExceptions = False
     try:
         if argv and argv[0] == "launch":
             from aitrain.launcher.cli.launch import run_launch

@@ -176,9 +176,15 @@ def usage_error(e: BaseException) -> AitrainError:
     if isinstance(e, AitrainError):
         return e
     if isinstance(e, OSError) and not isinstance(e, HydraException):
+        import errno
+
         where = f" {e.filename}" if e.filename else ""
-        return ConfigError(f"cannot create the run directory{where}: {e.strerror or e}",
-                           "set run_root= (or hydra.run.dir=) to a directory you can write")
+        name = errno.errorcode.get(e.errno or 0, "")
+        what = f"cannot create the run directory{where}: {e.strerror or e}" + (f" ({name})" if name else "")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return ConfigError(what, f"free space there (df -h {e.filename or '.'}), or set run_root= to "
+                                     "a directory on another filesystem")
+        return ConfigError(what, "set run_root= (or hydra.run.dir=) to a directory you can write")
     text = str(e).split("Config search path:")[0]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 2 and lines[1].startswith("Available options"):  # a group's options, one per line

@@ -362,6 +362,58 @@ def _sweep_stale_pipe_dirs() -> None:
             pass
 
 
+class _LogSink:
+    """A rank's log file that survives a storage fault (ENOSPC, EIO, ...): the output still
+    reaches the console, and the fault is said once, with the path and the errno."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.failed: OSError | None = None
+        self._f: Any = None
+        try:
+            self._f = open(path, "ab")
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, e: OSError) -> None:
+        if self.failed is None:
+            self.failed = e
+            print(f"aitrain: {describe_os_error(e, self.path)}; the rank's output still reaches the console, "
+                  "but its log file is incomplete", file=sys.stderr, flush=True)
+
+    def write(self, data: bytes) -> None:
+        if self._f is None or self.failed is not None:
+            return
+        try:
+            self._f.write(data)
+        except OSError as e:
+            self._fail(e)
+
+    def flush(self) -> None:
+        if self._f is not None and self.failed is None:
+            try:
+                self._f.flush()
+            except OSError as e:
+                self._fail(e)
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError as e:
+                self._fail(e)
+            self._f = None
+
+
+def describe_os_error(e: OSError, path: Path | str | None = None) -> str:
+    """``cannot write /x/y: No space left on device (ENOSPC)``."""
+    import errno as errno_mod
+
+    where = path if path is not None else (e.filename or "a file")
+    name = errno_mod.errorcode.get(e.errno or 0, "")
+    return f"cannot write {where}: {e.strerror or e}" + (f" ({name})" if name else "")
+
+
 class RankStreams:
     """Reads every rank's pipes in one thread; writes rank files and the console."""
 
@@ -399,7 +451,7 @@ class RankStreams:
                 self.pipe_dir = Path(tempfile.mkdtemp(prefix=f"{PIPE_DIR_PREFIX}{os.getpid()}-"))
             f = self._files.get(rank)
             if f is None:
-                f = self._files[rank] = open(self.rank_log(rank), "ab")
+                f = self._files[rank] = _LogSink(self.rank_log(rank))
             if attempt:
                 f.write(f"----- restart attempt {attempt} -----\n".encode())
             for is_err in (False, True):
