@@ -115,6 +115,8 @@ class TunedEnv:
     """The socket interface chosen for this host."""
     address: str | None = None
     """This host's address on that interface (what peers connect to)."""
+    nccl_version: str | None = None
+    """The NCCL version the rules assumed for this host (probed, else fabric.nccl_version)."""
 
     def set(self, key: str, value: Any, reason: str) -> None:
         self.env[key] = str(value)
@@ -127,14 +129,14 @@ class TunedEnv:
     def to_dict(self) -> dict[str, Any]:
         return {"hostname": self.hostname, "env": dict(self.env), "reasons": dict(self.reasons),
                 "user_set": list(self.user_set), "notes": dict(self.notes),
-                "interface": self.interface, "address": self.address}
+                "interface": self.interface, "address": self.address, "nccl_version": self.nccl_version}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TunedEnv:
         return cls(hostname=d.get("hostname", ""), env=dict(d.get("env", {})),
                    reasons=dict(d.get("reasons", {})), user_set=list(d.get("user_set", [])),
                    notes=dict(d.get("notes", {})), interface=d.get("interface"),
-                   address=d.get("address"))
+                   address=d.get("address"), nccl_version=d.get("nccl_version"))
 
 
 # --------------------------------------------------------------------------- versions
@@ -734,8 +736,8 @@ def tune(
     user = user_env_from(shell_env, user_env)
     result: dict[str, TunedEnv] = {}
     for host, choice in zip(cluster.hosts, choices, strict=True):
-        out = TunedEnv(hostname=host.hostname)
         nccl = parse_version(host.host.nccl_version) or parse_version(nccl_version)
+        out = TunedEnv(hostname=host.hostname, nccl_version=fmt_version(nccl) if nccl else None)
         _socket_rule(out, choice, host, opts)
         _rdma_rules(out, host, opts, nccl, multi_host)
         _torch_rules(out, host, opts)

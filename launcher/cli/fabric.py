@@ -415,7 +415,9 @@ def render_tuned(tuned: dict[str, Any], style: Any = None) -> str:
     style = style or (lambda text, color: text)
     blocks = []
     for t in tuned.values():
-        head = f"{t.hostname}" + (f"  (socket interface {t.interface}, {t.address})" if t.interface else "")
+        facts = [f"socket interface {t.interface}, {t.address}"] if t.interface else []
+        facts.append(f"NCCL {t.nccl_version}" if t.nccl_version else "NCCL: none (gloo only)")
+        head = f"{t.hostname}  ({'; '.join(facts)})"
         lines = [style(head, "bold")]
         width = max((len(f"{k}={v}") for k, v in t.env.items()), default=0)
         for k, v in t.env.items():

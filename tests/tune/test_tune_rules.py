@@ -402,3 +402,16 @@ def test_package_level_tune_is_callable():
     tuned = fabric.tune([rig_host(1), rig_host(2)], options=Opts(nproc_per_node=2))
     assert tuned["n1"].env["GLOO_SOCKET_IFNAME"] == "fab0"
     assert fabric.tune.TunedEnv is type(tuned["n1"])
+
+
+def test_tuned_env_says_which_nccl_it_assumed():
+    from aitrain.fabric.tune import TunedEnv
+    from aitrain.launcher.cli.fabric import render_tuned
+
+    probed = tune(roce_cluster(nccl="2.21.5"), nccl_version="2.18.1")["r1"]
+    assert probed.nccl_version == "2.21.5"  # the probe's wins over the fallback
+    given = tune(roce_cluster(nccl=None), nccl_version="2.19.3")["r1"]
+    assert given.nccl_version == "2.19.3"
+    assert TunedEnv.from_dict(json.loads(json.dumps(given.to_dict()))).nccl_version == "2.19.3"
+    assert "NCCL 2.19.3" in render_tuned({"r1": given}).splitlines()[0]
+    assert tune(roce_cluster(nccl=None))["r1"].nccl_version is None
