@@ -249,8 +249,12 @@ class AgentProcess:
         os.close(result_w)
 
     def _piped_result(self) -> AgentResult | None:
+        os.set_blocking(self._result_r, False)  # the agent has exited: all there is, is there
         with os.fdopen(self._result_r, "rb") as r:
-            data = r.read()
+            try:
+                data = r.read() or b""
+            except BlockingIOError:
+                data = b""
         try:
             return AgentResult.from_dict(json.loads(data)) if data.strip() else None  # type: ignore[return-value]
         except (ValueError, TypeError, AttributeError):
@@ -263,8 +267,15 @@ class AgentProcess:
 
         def forward(signum: int, _frame: Any) -> None:
             forwarded.append(signum)
-            if self.proc.poll() is None:
-                self.proc.send_signal(signum)
+            if self.proc.poll() is not None:
+                return
+            if signum == signal.SIGINT and forwarded.count(signal.SIGINT) > 1:
+                # A second Ctrl-C: stop at once (the ranks die with the agent: parent-death signal).
+                self.proc.kill()
+                return
+            # Ctrl-C reaches the ranks as SIGTERM, which they were told to stop on (a checkpoint
+            # if one is configured, no KeyboardInterrupt traceback from every rank).
+            self.proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
         old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
@@ -277,7 +288,12 @@ class AgentProcess:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        result = AgentResult.read(Path(req.result_file)) or self._piped_result()
+        piped = self._piped_result()
+        result = AgentResult.read(Path(req.result_file)) or piped
+        if result is not None and forwarded and result.interrupted:
+            sig = signal.Signals(forwarded[0])  # say what the user did (Ctrl-C), not what the ranks got
+            result.exit_code = 128 + int(sig)
+            result.message = f"interrupted by {sig.name}; all ranks were stopped"
         if result is not None:
             return result
         if forwarded:
