@@ -115,8 +115,9 @@ def recover_from_registry(say: Callable[[str], None] | None = _stderr) -> int:
     return recover_dirs((str(e.get("run_dir")) for _, e in JobRegistry().entries() if e.get("run_dir")), say)
 
 
-def recover_from_store(client: Any, experiment_ids: list[str],
+def recover_from_store(store: Any, experiment_ids: list[str],
                        say: Callable[[str], None] | None = _stderr) -> int:
-    """The killed launches among the store's RUNNING runs (``aitrain runs``)."""
-    runs = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=200)
+    """The killed launches among the store's RUNNING runs (``aitrain runs``; ``store``: a
+    :mod:`aitrain.launcher.runstore` reader)."""
+    runs = store.search(experiment_ids, limit=200, status="RUNNING")
     return recover_dirs((r.data.tags["aitrain.run_dir"] for r in runs if r.data.tags.get("aitrain.run_dir")), say)

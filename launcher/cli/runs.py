@@ -69,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
     cmd = getattr(args, "runs_command", None)
     if cmd == "sync":
         return sync(args.run_dir, args.tracking_uri, args.timeout)
-    client, uri = _client(args)
     if cmd == "compare":
+        client, uri = _client(args)
         return compare(client, uri, args)
-    return list_runs(client, args)
+    return list_runs(args)
 
 
-def _client(args: argparse.Namespace) -> tuple[Any, str]:
+def _uri(args: argparse.Namespace) -> str:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         db = Path(args.run_root).resolve() / "mlflow.db"
@@ -83,6 +83,11 @@ def _client(args: argparse.Namespace) -> tuple[Any, str]:
             raise ConfigError(f"no MLflow store at {db}",
                               "run this where you ran `aitrain launch`, or pass --run-root DIR or --tracking-uri URI")
         uri = f"sqlite:///{db}"
+    return str(uri)
+
+
+def _client(args: argparse.Namespace) -> tuple[Any, str]:
+    uri = _uri(args)
     import logging
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -130,12 +135,26 @@ def summarize(run: Any) -> dict[str, Any]:
     }
 
 
-def list_runs(client: Any, args: argparse.Namespace) -> int:
-    from aitrain.launcher.ghosts import recover_from_store
+def list_runs(args: argparse.Namespace) -> int:
+    """The newest runs, read without importing MLflow where the store allows (runstore.py)."""
+    import urllib.error
 
-    exp_id = _experiment_id(client, args.experiment)
-    recover_from_store(client, [exp_id])  # runs left RUNNING by a launcher that was killed
-    runs = client.search_runs([exp_id], order_by=["attributes.start_time DESC"], max_results=max(1, args.last))
+    from aitrain.launcher.ghosts import recover_from_store
+    from aitrain.launcher.redact import redact_uri
+    from aitrain.launcher.runstore import open_runs
+
+    uri = _uri(args)
+    try:
+        store = open_runs(uri, lambda: _client(args)[0])
+        exp_id = store.experiment_id(args.experiment)
+        if exp_id is None:
+            raise AitrainError(f"no experiment {args.experiment!r} in this MLflow store", "pass --experiment NAME")
+        if recover_from_store(store, [exp_id]):  # runs left RUNNING by a launcher that was killed
+            store = open_runs(uri, lambda: _client(args)[0])  # see what the recovery wrote
+        runs = store.search([exp_id], limit=max(1, args.last))
+    except (urllib.error.URLError, OSError) as e:
+        raise AitrainError(f"cannot read runs from {redact_uri(uri)}: {getattr(e, 'reason', e)}",
+                           "is the tracking server up? (--tracking-uri, MLFLOW_TRACKING_URI)") from e
     rows = [summarize(r) for r in runs]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from aitrain_testing import REPO, aitrain_argv, wait_until
+from aitrain_testing import REPO, aitrain_argv, run_aitrain, wait_until
 
 JOB = REPO / "tests" / "scripts" / "progress_job.py"
 HOST = os.uname().nodename
@@ -139,3 +139,26 @@ def test_server_goes_away_mid_run_and_no_metric_is_lost(server: MlflowServer, tm
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "logs")}
     assert {"logs/rank0.log", "logs/rank1.log"} <= artifacts  # through the server's artifact proxy
     assert (server.root / "artifacts").is_dir()
+
+
+def test_runs_lists_a_servers_runs_through_its_rest_api(server: MlflowServer, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from aitrain.launcher.cli.runs import summarize
+    from aitrain.launcher.runstore import ClientRuns, RestRuns, open_runs
+
+    client = MlflowClient(tracking_uri=server.uri)
+    exp = client.get_experiment_by_name("rest-check") or None
+    exp_id = exp.experiment_id if exp else client.create_experiment("rest-check")
+    for i in range(3):
+        run = client.create_run(exp_id, run_name=f"r{i}", tags={"strategy": "fsdp", "world_size": "4"})
+        client.log_metric(run.info.run_id, "steady/tokens_per_s", 1000.0 * (i + 1))
+        client.set_terminated(run.info.run_id)
+    rest = open_runs(server.uri, lambda: None)
+    assert isinstance(rest, RestRuns) and rest.experiment_id("rest-check") == exp_id
+    assert rest.experiment_id("no-such-experiment") is None
+    assert [summarize(r) for r in rest.search([exp_id], limit=2)] == \
+        [summarize(r) for r in ClientRuns(client).search([exp_id], limit=2)]
+    r = run_aitrain(["runs", "--tracking-uri", server.uri, "--experiment", "rest-check", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert [row["tokens_per_s"] for row in json.loads(r.stdout)] == [3000.0, 2000.0, 1000.0]

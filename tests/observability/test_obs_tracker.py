@@ -266,3 +266,19 @@ def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     ensure_sqlite_store(uri)  # an existing store is never replaced
     assert db.stat().st_ino == before
     assert os.listdir(db.parent) == ["mlflow.db"]  # the killed launcher's leftovers are gone too
+
+
+def test_runs_read_without_mlflow_match_mlflows_client(store: dict[str, Any]) -> None:
+    """`aitrain runs` reads the sqlite store directly (importing MLflow costs seconds); what it
+    reads is what MLflow's client reads."""
+    from aitrain.launcher.cli.runs import summarize
+    from aitrain.launcher.runstore import ClientRuns, SqliteRuns, open_runs
+
+    direct = open_runs(store["uri"], lambda: None)
+    assert isinstance(direct, SqliteRuns)
+    client = ClientRuns(store["client"])
+    exp = client.experiment_id("aitrain")
+    assert direct.experiment_id("aitrain") == exp and direct.experiment_id("nope") is None
+    ours, theirs = direct.search([exp], limit=5), client.search([exp], limit=5)
+    assert [summarize(r) for r in ours] == [summarize(r) for r in theirs]
+    assert direct.search([exp], limit=5, status="RUNNING") == []
