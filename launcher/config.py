@@ -98,6 +98,9 @@ class CheckpointConfig:
     # checkpoint root; set it to a fixed path to resume across launches (default: <run_dir>/checkpoints)
     dir: str | None = None
     keep: int = 3  # complete checkpoints kept, oldest removed first (0: keep all)
+    # on SIGTERM / Ctrl-C (with every_n_steps > 0) the ranks save a checkpoint and stop; this many seconds
+    # from the signal to finish the step and the save, else they stop without it (a second Ctrl-C: at once)
+    save_timeout_s: float = 30.0
 
 
 @dataclass

@@ -103,8 +103,49 @@ def check_job(cfg: JobConfig, world_size: int) -> ParallelPlan:
 def checkpoint_root(cfg: JobConfig) -> Path:
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir).expanduser()
-    run_dir = os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir
+    run_dir = os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir or "."
     return Path(run_dir) / "checkpoints"
+
+
+def resume(cfg: JobConfig, root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Load the checkpoint ``cfg.resume`` names into model and optimizer; the steps already taken.
+
+    One path for every way a run comes back: ``resume=auto`` typed by a user, a Slurm requeue
+    and a Ray restart (both run the job with ``resume=auto``). The checkpoint is verified
+    first, every rank checksumming a share of its files; a damaged one is named on the console
+    and the newest intact one before it is used."""
+    rank = int(os.environ.get("RANK", "0"))
+    point = ckpt.resume_point(cfg.resume, root, collective=dist.is_initialized())
+    if rank == 0:
+        for line in damaged_lines(point, root):
+            print(line, flush=True)
+    if point.path is None:
+        if cfg.resume == "auto" and not point.skipped and rank == 0:
+            print(f"aitrain: resume=auto found no complete checkpoint under {root}; starting fresh", flush=True)
+        return 0
+    info = ckpt.load(point.path, model, opt)
+    start = int(info["step"])
+    if rank == 0:
+        print(f"aitrain: resumed from {point.path} (step {start}, saved by {info.get('strategy', '?')} on "
+              f"{info.get('world_size', '?')} rank(s))", flush=True)
+        if start >= cfg.train.steps:
+            print(f"aitrain: the checkpoint is at step {start}, train.steps={cfg.train.steps}: nothing left to train",
+                  flush=True)
+    return start
+
+
+def damaged_lines(point: ckpt.ResumePoint, root: Path) -> list[str]:
+    """One console line per damaged checkpoint passed over, saying what comes next."""
+    lines = []
+    for i, (path, why) in enumerate(point.skipped):
+        if i + 1 < len(point.skipped):
+            then = f"trying {point.skipped[i + 1][0].name}"
+        elif point.path is not None:
+            then = f"resuming from {point.path.name}"
+        else:
+            then = f"no intact checkpoint left under {root}; starting fresh"
+        lines.append(f"aitrain: checkpoint {path.name} is damaged ({why}); {then}")
+    return lines
 
 
 def train(cfg: JobConfig) -> float:
@@ -138,19 +179,7 @@ def train(cfg: JobConfig) -> float:
     metrics = MetricsWriter() if rank == 0 else MetricsWriter(path=None)
     tokens_per_step = cfg.train.global_batch_size * m.seq_len
     root = checkpoint_root(cfg)
-    start = 0
-    resume_from = ckpt.resolve_resume(cfg.resume, root)
-    if resume_from is not None:
-        info = ckpt.load(resume_from, model, opt)
-        start = int(info["step"])
-        if rank == 0:
-            print(f"aitrain: resumed from {resume_from} (step {start}, saved by {info.get('strategy', '?')} on "
-                  f"{info.get('world_size', '?')} rank(s))", flush=True)
-        if start >= cfg.train.steps and rank == 0:
-            print(f"aitrain: the checkpoint is at step {start}, train.steps={cfg.train.steps}: nothing left to train",
-                  flush=True)
-    elif cfg.resume == "auto" and rank == 0:
-        print(f"aitrain: resume=auto found no complete checkpoint under {root}; starting fresh", flush=True)
+    start = resume(cfg, root, model, opt)
     if rank == 0:
         print(
             f"aitrain: training {cfg.strategy.name} on {world} rank(s) ({plan.describe()}), device {device.type}, "
@@ -158,40 +187,56 @@ def train(cfg: JobConfig) -> float:
             f"loss starts near {data.initial_loss:.2f}, floor {data.entropy:.2f}",
             flush=True,
         )
-    stopper = Stopper.from_env()
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     every = cfg.checkpoint.every_n_steps
+    # The scheduler's warning (Slurm), and SIGTERM / Ctrl-C when the job checkpoints: save, then stop.
+    stopper = Stopper.from_env(terminate=every > 0, save_timeout_s=cfg.checkpoint.save_timeout_s)
     loss_value = float("nan")
-    for step in range(start, cfg.train.steps):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        inputs, targets = data.local_batch(step, cfg.train.global_batch_size, dp_rank, dp_size)
-        inputs, targets = inputs.to(device), targets.to(device)
-        loss = forward_backward(model, inputs, targets, cross_entropy, grad_accum=cfg.train.grad_accum)
-        grad_norm = clip_grad_norm_(model, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = mean_loss(model, loss) if dist.is_initialized() else float(loss)  # type: ignore[arg-type]
-        dt = time.perf_counter() - t0
-        progress.step(step + 1)
-        if rank == 0:
-            metrics.log(step + 1, loss=loss_value, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
-                        lr=lr, grad_norm=float(grad_norm))
-            if step == start or (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                print(f"step {step + 1}/{cfg.train.steps} loss {loss_value:.4f} "
-                      f"tokens/s {tokens_per_step / dt:,.0f}", flush=True)
-        saved = bool(every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
-        if saved:
-            _save(root, step + 1, model, opt, cfg, plan)
-        if stopper.should_stop():  # the scheduler warned of preemption / the time limit
-            if not saved:
-                _save(root, step + 1, model, opt, cfg, plan)
+    try:
+        for step in range(start, cfg.train.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            inputs, targets = data.local_batch(step, cfg.train.global_batch_size, dp_rank, dp_size)
+            inputs, targets = inputs.to(device), targets.to(device)
+            loss = forward_backward(model, inputs, targets, cross_entropy, grad_accum=cfg.train.grad_accum)
+            grad_norm = clip_grad_norm_(model, clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = mean_loss(model, loss) if dist.is_initialized() else float(loss)  # type: ignore[arg-type]
+            dt = time.perf_counter() - t0
+            progress.step(step + 1)
             if rank == 0:
-                Stopper.mark(os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir, step + 1)
-                print(f"aitrain: stopping at step {step + 1} on the scheduler's signal; checkpoint saved", flush=True)
-            break
+                metrics.log(step + 1, loss=loss_value, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                            lr=lr, grad_norm=float(grad_norm))
+                if step == start or (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                    print(f"step {step + 1}/{cfg.train.steps} loss {loss_value:.4f} "
+                          f"tokens/s {tokens_per_step / dt:,.0f}", flush=True)
+            saved = bool(every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps))
+            if saved:
+                _save(root, step + 1, model, opt, cfg, plan)
+            stop = stopper.should_stop()  # every rank agrees at this step boundary
+            if stop is not None:
+                if rank == 0 and not stop.preempted:
+                    print(f"aitrain: {stop.signal} at step {step + 1}: "
+                          + ("checkpoint already saved" if saved else
+                             f"saving a checkpoint before stopping (at most checkpoint.save_timeout_s="
+                             f"{cfg.checkpoint.save_timeout_s:g}s; Ctrl-C again to stop at once)"), flush=True)
+                if not saved:
+                    _save(root, step + 1, model, opt, cfg, plan)
+                stopper.saved()
+                if rank == 0:
+                    if stop.preempted:
+                        Stopper.mark(os.environ.get("AITRAIN_RUN_DIR") or cfg.run_dir or ".", step + 1)
+                    why = "the scheduler's signal" if stop.preempted else stop.signal
+                    print(f"aitrain: stopping at step {step + 1} on {why}; checkpoint saved", flush=True)
+                break
+    except Exception:
+        stopper.end_as_signalled()  # stopping, and a peer is gone: end as the signal would have, not as a failure
+        raise
+    finally:
+        stopper.close()
     metrics.close()
     progress.done()
     if dist.is_initialized():
