@@ -183,7 +183,7 @@ class JobConfig:
     device: str = "auto"  # auto | cpu | cuda
     dist_backend: str = "auto"  # auto (gloo on CPU, nccl on CUDA) | gloo | nccl
     run_root: str = "outputs"  # where run directories and the embedded MLflow store live
-    run_dir: str = "${hydra:runtime.output_dir}"  # this launch's directory (set by Hydra)
+    run_dir: str | None = "${hydra:runtime.output_dir}"  # this launch's directory (set by Hydra)
     resume: str = "none"  # none | auto (latest complete checkpoint) | <path>
     binding: str = "none"  # numa | core | none: give each local rank a disjoint CPU set
     profile: str = "none"  # none | perf (perf stat per rank) | pyspy (flame graph per rank)
