@@ -135,14 +135,14 @@ def start_tracker(spec: JobSpec, request: Request) -> Tracker | None:
 
     from aitrain.launcher.redact import redact_argv, redact_obj
     from aitrain.launcher.tracking import Tracker, flatten, resolve_tracking_uri
+    from aitrain.launcher.util import private_dir, write_atomic
 
     host = socket.gethostname()
     run_dir = spec.run_dir
     clean = redact_obj({k: v for k, v in spec.resolved.items() if k != "run_dir"})
-    # The YAML artifact has no secrets; the ranks read the real job.yaml in the run dir.
-    clean_yaml = run_dir / "tracking" / "job.yaml"
-    clean_yaml.parent.mkdir(exist_ok=True)
-    clean_yaml.write_text(yaml.safe_dump(clean, sort_keys=False))
+    # The YAML artifact: the config without secrets (and without the run dir, which is a tag).
+    clean_yaml = private_dir(run_dir / "tracking") / "job.yaml"
+    write_atomic(clean_yaml, yaml.safe_dump(clean, sort_keys=False))
     tags = {
         "strategy": job.strategy.name,
         "backend": job.backend.name,

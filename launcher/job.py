@@ -334,12 +334,16 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
 
 
 def prepare_run_dir(spec: JobSpec) -> None:
-    """Create the run directory for a job that runs here: the config the ranks read, and an
-    earlier attempt's metrics (a requeued Slurm job) kept apart, so this attempt's MLflow
-    run gets only its own steps."""
-    from aitrain.launcher.util import write_atomic
+    """Create the run directory for a job that runs here (0700: the user's only): the config
+    the ranks read, and an earlier attempt's metrics (a requeued Slurm job) kept apart, so
+    this attempt's MLflow run gets only its own steps.
 
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(spec.config_file, spec.config_yaml)
+    ``job.yaml`` has its secrets masked (``redact.py``): the built-in job reads none of them,
+    and the ranks get ``fabric.env`` through their environment."""
+    from aitrain.launcher.redact import redact_yaml
+    from aitrain.launcher.util import private_dir, write_atomic
+
+    private_dir(spec.run_dir)
+    write_atomic(spec.config_file, redact_yaml(spec.config_yaml))
     if spec.metrics_file.exists():
         spec.metrics_file.rename(spec.metrics_file.with_name(f"metrics-{int(time.time())}.jsonl"))

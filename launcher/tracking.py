@@ -25,8 +25,12 @@ created before the ranks start, and :meth:`Tracker.rank_env` gives them MLflow's
 variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``, ``MLFLOW_EXPERIMENT_ID``), so
 ``mlflow.start_run()``, HF ``report_to=["mlflow"]`` and Lightning's ``MLFlowLogger(run_id=...)``
 log into the launch's run. Whatever they do to it, the tracker ends the run last, with the
-job's own status. Secrets are redacted (``redact.py``) in params, tags, documents and the
-recorded command line.
+job's own status. Secrets are redacted (``redact.py``) in params, tags, documents, the
+recorded command line and ``tracking.json``, whose URI has no credentials: a later ``aitrain runs
+sync`` takes them from ``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (the same URI with them),
+else MLflow's ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``. MLflow's own "View run
+at URL" lines would print a URI's credentials: with such a URI they are suppressed (here and in
+ranks that log to the run) and the tracker prints them without the credentials.
 
 Default store: an embedded sqlite database under ``run_root`` (no server);
 ``tracking.uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere.
@@ -47,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain.launcher.metrics import read_new
-from aitrain.launcher.redact import redact_mapping, redact_obj, redact_uri
+from aitrain.launcher.redact import redact_mapping, redact_obj, redact_text, redact_uri, strip_uri_credentials
 from aitrain.launcher.util import write_atomic
 
 log = logging.getLogger("aitrain.tracking")
@@ -58,6 +62,7 @@ STATE_FILE = "tracking.json"
 PHASES_FILE = "phases.jsonl"
 WORLD_FILE = "world.json"  # the job's size when the launcher changed it after the start (bad nodes left out)
 DOCUMENTS_DIR = "documents"
+SUPPRESS_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow's switch for its "View run" lines
 DRAIN_TIMEOUT_S = float(os.environ.get("AITRAIN_TRACKING_DRAIN_S", "30"))
 FIRST_METRIC_GRACE_S = 30.0  # forward anyway after this long without a training step (user scripts)
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
@@ -117,6 +122,22 @@ def _dispose_engines(uri: str) -> None:
 
 def resolve_tracking_uri(uri: str | None, run_root: Path) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(run_root)
+
+
+def has_credentials(uri: str) -> bool:
+    """``http://user:pw@host``, ``https://token@host``, ``...?token=x``: what is not written down."""
+    return redact_text(uri) != uri
+
+
+def recorded_uri(recorded: str, given: str | None = None) -> str:
+    """The URI to reach the store ``tracking.json`` names (recorded without its credentials):
+    ``given`` or ``MLFLOW_TRACKING_URI`` when it is that URI with them; else the recorded one
+    with the masked part left out (MLflow then uses ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``)."""
+    if recorded == redact_text(recorded):
+        for candidate in (given, os.environ.get("MLFLOW_TRACKING_URI")):
+            if candidate and redact_text(candidate) == recorded:
+                return candidate
+    return recorded if "***" not in recorded else strip_uri_credentials(recorded)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -202,6 +223,7 @@ class Tracker:
         self._early_run = False
         self._finished_at: float | None = None
         self._client: Any = None
+        self._user_suppressed_urls = False
         self._attempts: dict[str, int] = {}
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._main, name="aitrain-tracker", daemon=True)
@@ -235,6 +257,8 @@ class Tracker:
         experiment's name, so the user's logging still lands in the right experiment)."""
         self._run_ready.wait(timeout)
         env = {"MLFLOW_TRACKING_URI": self.uri}
+        if has_credentials(self.uri):  # the program's mlflow.end_run() would print them
+            env[SUPPRESS_URL_ENV] = "true"
         if self.run_id:
             env["MLFLOW_RUN_ID"] = self.run_id
         if self.state.get("experiment_id"):
@@ -293,19 +317,21 @@ class Tracker:
             self._thread.join(timeout if timeout is not None else self.drain_timeout_s + 30)
         elif not self.state.get("finished"):
             self._main()  # never started: forward synchronously
-        where = redact_uri(self.uri)
+        where = redact_text(self.uri)
         if self.state.get("finished"):
             return True
         self.pending = True
         why = self.error or f"the tracking server at {where} was unreachable"
+        creds = "MLFLOW_TRACKING_URI=<the tracking URI> " if has_credentials(self.uri) else ""
         print(f"aitrain: MLflow logging is incomplete ({why}); everything is kept in {self.run_dir}. "
-              f"Replay it with: aitrain runs sync {self.run_dir}", flush=True)
+              f"Replay it with: {creds}aitrain runs sync {self.run_dir}", flush=True)
         return False
 
     @classmethod
     def from_run_dir(cls, run_dir: Path, uri: str | None = None, drain_timeout_s: float = 60.0) -> Tracker:
         """The tracker of an earlier launch, to replay its spool (``aitrain runs sync``)."""
         state = json.loads((Path(run_dir) / STATE_FILE).read_text())
+        state["uri"] = recorded_uri(state["uri"], uri)
         if uri and uri != state["uri"]:
             # Another store: the run is created there from scratch.
             state.update(uri=uri, run_id=None, params_logged=False, tags_logged={}, uploaded={}, offsets={},
@@ -331,7 +357,9 @@ class Tracker:
 
     def _save_state(self) -> None:
         with self._lock:  # also serialises the writers (the launch thread and the tracker thread)
-            write_atomic(self.run_dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True))
+            # The URI's credentials stay in this process (see recorded_uri for a later sync).
+            state = {**self.state, "uri": redact_text(self.uri)}
+            write_atomic(self.run_dir / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
     def _started_training(self) -> bool:
         if self.metrics_file.exists() and self.metrics_file.stat().st_size > 0:
@@ -345,7 +373,7 @@ class Tracker:
             try:
                 self._ensure_run(self._connect())
             except Exception as e:  # the loop retries; the ranks start without a run id
-                log.warning("could not create the MLflow run before the ranks start: %s", e)
+                log.warning("could not create the MLflow run before the ranks start: %s", redact_text(str(e)))
             finally:
                 self._run_ready.set()
         try:
@@ -357,7 +385,7 @@ class Tracker:
                 self.set_tags(**git_info(self.code_dir))  # after the first step: git costs CPU too
             self._loop()
         except Exception as e:  # tracking must never take the job down
-            self.error = f"{type(e).__name__}: {e}"
+            self.error = redact_text(f"{type(e).__name__}: {e}")  # MLflow's messages name the URL
             log.warning("MLflow tracking failed: %s", self.error)
 
     def _loop(self) -> None:
@@ -367,7 +395,7 @@ class Tracker:
             try:
                 self._pass(final)
                 if self._down_since is not None:
-                    print(f"aitrain: tracking server at {redact_uri(self.uri)} is back after "
+                    print(f"aitrain: tracking server at {redact_text(self.uri)} is back after "
                           f"{time.monotonic() - self._down_since:.0f}s; catching up", flush=True)
                     self._down_since = None
                 backoff = 0.0
@@ -378,11 +406,11 @@ class Tracker:
                     self._down_since = time.monotonic()
                     storage = storage_fault(e)
                     if storage:  # a full or failing disk under the store, not an unreachable server
-                        self.error = f"the MLflow store at {redact_uri(self.uri)}: {storage}"
+                        self.error = f"the MLflow store at {redact_text(self.uri)}: {storage}"
                         print(f"aitrain: {self.error}; training goes on, metrics stay spooled in {self.run_dir} "
                               f"(free space, then: aitrain runs sync {self.run_dir})", flush=True)
                     else:
-                        print(f"aitrain: tracking server at {redact_uri(self.uri)} is unreachable "
+                        print(f"aitrain: tracking server at {redact_text(self.uri)} is unreachable "
                               f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
                               flush=True)
                 backoff = min(max(backoff * 2, 1.0), 15.0)
@@ -400,6 +428,9 @@ class Tracker:
 
             for name in ("alembic", "mlflow", "urllib3"):  # after the import: mlflow sets its own level
                 logging.getLogger(name).setLevel(logging.ERROR)
+            if has_credentials(self.uri):  # MLflow's "View run at URL" lines: printed by _view_lines
+                self._user_suppressed_urls = os.environ.get(SUPPRESS_URL_ENV, "").lower() in ("1", "true")
+                os.environ[SUPPRESS_URL_ENV] = "true"
             ensure_sqlite_store(self.uri)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
@@ -428,9 +459,10 @@ class Tracker:
             if n < REJECT_AFTER:
                 raise
             self._attempts.pop(key, None)
-            log.warning("MLflow refused %s: %s", key, e)
+            error = redact_text(f"{type(e).__name__}: {e}")
+            log.warning("MLflow refused %s: %s", key, error)
             with open(self.run_dir / "tracking-rejected.jsonl", "a") as f:
-                f.write(json.dumps({"item": key, "error": f"{type(e).__name__}: {e}"[:2000]}) + "\n")
+                f.write(json.dumps({"item": key, "error": error[:2000]}) + "\n")
             return False
 
     def _pass(self, final: bool) -> None:
@@ -488,7 +520,7 @@ class Tracker:
             self.state["run_id"] = run.info.run_id
             self.state["experiment_id"] = str(exp_id)
             self.state["tags_logged"] = tags
-        (self.run_dir / "mlflow_run_id").write_text(run.info.run_id + "\n")
+        write_atomic(self.run_dir / "mlflow_run_id", run.info.run_id + "\n")
         self._save_state()
 
     # -- what gets forwarded ------------------------------------------------------------
@@ -672,10 +704,23 @@ class Tracker:
         end = self.state.get("end_time")
         client.set_terminated(run_id, status=self.state.get("status") or "FINISHED",
                               end_time=int(end * 1000) if end else None)
+        self._view_lines(run_id)
         with self._lock:
             self.state["tags_logged"].update(tags)
             self.state["finished"] = True
         self._save_state()
+
+    def _view_lines(self, run_id: str) -> None:
+        """MLflow's own "View run" lines, which it does not print for a URI with credentials
+        (:data:`SUPPRESS_URL_ENV`): the same links without them (the browser asks for them)."""
+        if not (self.uri.startswith(("http://", "https://")) and has_credentials(self.uri)):
+            return
+        if self._user_suppressed_urls:
+            return
+        host = redact_text(strip_uri_credentials(self.uri)).rstrip("/")
+        experiment = f"{host}/#/experiments/{self.state.get('experiment_id')}"
+        print(f"🏃 View run {self.run_name} at: {experiment}/runs/{run_id}\n🧪 View experiment at: {experiment}",
+              flush=True)
 
     def _hang_tags(self, reports: list[Path]) -> None:
         behind, summaries = [], []

@@ -6,18 +6,42 @@ import os
 import socket
 from pathlib import Path
 
+# What aitrain writes is its user's own: a run dir holds the job's config, env and logs.
+PRIVATE_UMASK = 0o077
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
 
-def write_atomic(path: Path | str, text: str, mode: int | None = None) -> None:
+
+def private_umask() -> int:
+    """Make every file and directory this process (and every process it starts: node agents,
+    ranks, the srun steps) creates its user's only; the umask it had."""
+    return os.umask(PRIVATE_UMASK)
+
+
+def private_dir(path: Path | str) -> Path:
+    """``path`` (and missing parents) created; ``path`` itself made 0700 (Hydra, or an earlier
+    attempt, may have made it already with another mode)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    if path.stat().st_mode & 0o777 != PRIVATE_DIR:
+        os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def write_atomic(path: Path | str, text: str, mode: int = PRIVATE_FILE) -> None:
     """Write ``path`` so that a reader sees the old or the new text, never part of it.
-    ``mode``: the file's permissions (e.g. 0o600 for files that may hold secrets)."""
+    ``mode``: the file's permissions, whatever the umask (default 0600: the user's only)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if mode is None:
-        tmp.write_text(text)
-    else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # a leftover tmp file keeps its mode through O_TRUNC
         with os.fdopen(fd, "w") as f:
+            fd = -1
             f.write(text)
+    finally:
+        if fd >= 0:
+            os.close(fd)
     os.replace(tmp, path)
 
 

@@ -40,7 +40,7 @@ from aitrain.launcher.backends.api import (
 from aitrain.launcher.job import JobSpec
 from aitrain.launcher.node.services import services_options
 from aitrain.launcher.pipeline import NodeSet, Preflight, record, run_preflight
-from aitrain.launcher.redact import redact_value
+from aitrain.launcher.redact import redact_argv, redact_value
 from aitrain.launcher.resources import NodePlan, format_cpus, plan_node
 from aitrain.launcher.supervise import trampoline_argv
 from aitrain.launcher.util import free_port, process_alive, process_start
@@ -87,7 +87,7 @@ class LocalRequest(Request):
             f"backend: local (torch elastic agent, static rendezvous at {self.master_addr}:{self.master_port})",
             f"run dir: {spec.run_dir}",
             f"ranks:   {spec.world_size} ({spec.nnodes} node x {spec.nproc_per_node} per node)",
-            f"command: {shlex.join(spec.argv)}",
+            f"command: {shlex.join(redact_argv(list(spec.argv)))}",
             f"cwd:     {spec.cwd}",
         ]
         if self.preflight is not None and self.preflight.findings:

@@ -79,7 +79,12 @@ def _will_start_local_ranks(argv: list[str]) -> bool:
 def run_launch(argv: list[str]) -> int:
     from aitrain.launcher import agent
     from aitrain.launcher.program import program_overrides, quote_script_args, split_program
+    from aitrain.launcher.redact import restore_secrets
+    from aitrain.launcher.util import private_umask
 
+    # The run dir and all in it, the user's only: before Hydra makes it and the node agent starts.
+    private_umask()
+    argv = restore_secrets(argv)  # a re-run's secret arguments, passed in its environment (redact.py)
     argv, program = split_program(argv)  # torchrun's shape: `-- train.py ARGS` / `-- -m pkg.mod ARGS`
     _options["json"] = "--json" in argv
     argv = [quote_script_args(_quote_rank_list(a)) for a in normalize_overrides([a for a in argv if a != "--json"])]
@@ -130,7 +135,10 @@ def _hydra_main(argv: list[str]) -> None:
 
     @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
     def _task(cfg: Any) -> None:
+        from aitrain.launcher.redact import redact_hydra_output
+
         started.append(True)
+        redact_hydra_output()  # Hydra saved the overrides and config as given, secrets too
         try:
             code = launch(cfg)
         except AitrainError as e:
@@ -378,13 +386,17 @@ def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
 def _print_plan(spec: JobSpec, request: Request) -> None:
     from omegaconf import OmegaConf
 
-    from aitrain.launcher.redact import redact_obj
+    from aitrain.launcher.redact import known_secrets, redact_argv, redact_obj, scrub
 
+    # Each part redacts itself; the values seen in the command and env are scrubbed from the
+    # whole text too, so a part that shows one some other way still does not print it.
+    secrets = known_secrets([*spec.relaunch, *spec.argv], spec.env, dict(spec.resolved))
     if _options["json"]:
         print(json.dumps({"dry_run": True, "run_dir": str(spec.run_dir), "backend": spec.config.backend.name,
-                          "plan": str(request), "relaunch": list(spec.relaunch)}), flush=True)
+                          "plan": scrub(str(request), secrets),
+                          "relaunch": [scrub(a, secrets) for a in redact_argv(list(spec.relaunch))]}), flush=True)
         return
     print("# resolved config")
-    print(OmegaConf.to_yaml(OmegaConf.create(redact_obj(dict(spec.resolved)))).rstrip())
+    print(scrub(OmegaConf.to_yaml(OmegaConf.create(redact_obj(dict(spec.resolved)))).rstrip(), secrets))
     print("\n# plan (dry run: nothing was started or written)")
-    print(request, flush=True)
+    print(scrub(str(request), secrets), flush=True)

@@ -64,7 +64,7 @@ class RayRequest(Request):
 
     def __str__(self) -> str:
         from aitrain.launcher.backends.ray.group import STRATEGIES, rank_slots, worker_resources
-        from aitrain.launcher.redact import redact_value
+        from aitrain.launcher.redact import redact_argv, redact_obj, redact_value
 
         spec, o = self.spec, self.opts
         lines = [f"backend: ray ({self.address})",
@@ -75,11 +75,11 @@ class RayRequest(Request):
                  f"({spec.nnodes} node(s) x {spec.nproc_per_node})",
                  f"failures: a failed rank stops the group; restarts: {o.max_failures} "
                  "(from the latest checkpoint, resume=auto)",
-                 f"command: {shlex.join(spec.argv)}",
+                 f"command: {shlex.join(redact_argv(list(spec.argv)))}",
                  "fabric: probed on every Ray node (one task each), checked and tuned per node at launch; "
                  "rendezvous = node 0's address on its tuned interface"]
         if o.runtime_env:
-            lines.append(f"runtime_env: {json.dumps(o.runtime_env, sort_keys=True)}")
+            lines.append(f"runtime_env: {json.dumps(redact_obj(o.runtime_env), sort_keys=True)}")
         lines += [f"note: {n}" for n in self.notes]
         for s in rank_slots(spec.nnodes, spec.nproc_per_node):
             lines.append(f"rank {s.rank}: {s.node} local_rank {s.local_rank}  "
@@ -100,14 +100,19 @@ class RayJobRequest(Request):
     entrypoint: str = ""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # The values of the entrypoint's *** arguments, added to runtime_env's env_vars on
+    # submission (never shown; the entrypoint's `aitrain launch` takes them back).
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
     remote: ClassVar[bool] = True
 
     def __str__(self) -> str:
+        from aitrain.launcher.redact import redact_argv, redact_obj
+
         lines = [f"backend: ray (submit to {self.address}; the cluster runs the job and tracks it)",
                  f"entrypoint: {self.entrypoint}",
-                 f"ranks run: {shlex.join(self.spec.argv)}"]
+                 f"ranks run: {shlex.join(redact_argv(list(self.spec.argv)))}"]
         if self.runtime_env:
-            lines.append(f"runtime_env: {json.dumps(self.runtime_env, sort_keys=True)}")
+            lines.append(f"runtime_env: {json.dumps(redact_obj(self.runtime_env), sort_keys=True)}")
         lines.append(f"metadata: {json.dumps(self.metadata, sort_keys=True)}")
         return "\n".join(lines)
 
@@ -159,8 +164,11 @@ class RayBackend(Backend):
         addr = self.address
         tags = {"ray.address": addr.value or "local", "ray.placement": self.opts.placement}
         if self.submits_to_jobs_api():
-            return RayJobRequest.of(spec, tags=tags, address=addr, entrypoint=shlex.join(spec.relaunch),
-                                    runtime_env=dict(self.opts.runtime_env or {}),
+            from aitrain.launcher.redact import split_secrets
+
+            entrypoint, secret_env = split_secrets(spec.relaunch)
+            return RayJobRequest.of(spec, tags=tags, address=addr, entrypoint=shlex.join(entrypoint),
+                                    runtime_env=dict(self.opts.runtime_env or {}), secret_env=secret_env,
                                     metadata={"aitrain.run_dir": str(spec.run_dir), "aitrain.name": spec.name})
         if spec.nproc_per_node < 1 or spec.nnodes < 1:
             raise ConfigError(f"nnodes={spec.nnodes}, nproc_per_node={spec.nproc_per_node}: need 1 or more of each",
@@ -185,8 +193,11 @@ class RayBackend(Backend):
 
             return launch_detached(request.spec, self.name)
         client = self.jobs_client(request.address.dashboard)
+        runtime_env = dict(request.runtime_env)
+        if request.secret_env:  # the entrypoint's secret arguments, in its environment
+            runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **request.secret_env}
         try:
-            sid = client.submit_job(entrypoint=request.entrypoint, runtime_env=request.runtime_env or None,
+            sid = client.submit_job(entrypoint=request.entrypoint, runtime_env=runtime_env or None,
                                     metadata=request.metadata)
         except Exception as e:
             raise connection_error(request.address, e) from e

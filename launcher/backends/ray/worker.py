@@ -66,6 +66,11 @@ class RankActor:
     def __init__(self, rank: int, node_rank: int, node: str, local_rank: int,
                  job_env: dict[str, str] | None = None, prespawn: bool = True,
                  warm_imports: list[str] | None = None) -> None:
+        os.umask(0o077)  # the rank's log, the shipped config and what the rank writes: its user's only
+        # A Jobs API job's runtime_env reaches every actor: the driver's secret arguments are not the rank's.
+        from aitrain.launcher.redact import SECRET_ARGS_ENV
+
+        os.environ.pop(SECRET_ARGS_ENV, None)
         self.rank, self.node_rank, self.node, self.local_rank = rank, node_rank, node, local_rank
         self._cond = threading.Condition()
         self._lines: deque[tuple[bool, str]] = deque()

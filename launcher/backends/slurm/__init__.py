@@ -51,7 +51,7 @@ from aitrain.launcher.job import JobSpec
 from aitrain.launcher.pipeline import AgentNodes, run_preflight
 from aitrain.launcher.preemption import ENV as PREEMPT_ENV
 from aitrain.launcher.preemption import MARKER as PREEMPTED_MARKER
-from aitrain.launcher.util import port_on, write_atomic
+from aitrain.launcher.util import port_on, private_dir, write_atomic
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -109,6 +109,8 @@ class SbatchRequest(Request):
     """Dry run from outside an allocation: the script `submit` hands to sbatch."""
 
     script: str = ""
+    # The values of the script's *** arguments, for sbatch's environment (never shown or written).
+    secret_env: dict[str, str] = field(default_factory=dict, repr=False)
     remote: ClassVar[bool] = True
 
     @property
@@ -116,9 +118,11 @@ class SbatchRequest(Request):
         return self.spec.run_dir / "aitrain.sbatch"
 
     def __str__(self) -> str:
+        from aitrain.launcher.redact import redact_argv
+
         return (f"backend: slurm (submit with sbatch; on submission the script is written to "
-                f"{self.script_path})\nranks run: {shlex.join(self.spec.argv)}    # on every node, in {self.spec.cwd}"
-                f"\n--- sbatch script ---\n{self.script}")
+                f"{self.script_path})\nranks run: {shlex.join(redact_argv(list(self.spec.argv)))}    "
+                f"# on every node, in {self.spec.cwd}\n--- sbatch script ---\n{self.script}")
 
 
 @dataclass
@@ -130,17 +134,19 @@ class AllocationRequest(Request):
     agents: list[AgentRequest] = field(default_factory=list)
 
     def __str__(self) -> str:
+        from aitrain.launcher.redact import redact_argv, redact_value
+
         assert self.slurm is not None
         lines = [f"backend: slurm, inside allocation {self.slurm.job_id} on {', '.join(self.slurm.nodes)}",
                  f"agents:  {shlex.join(self.srun)}",
-                 f"command: {shlex.join(self.spec.argv)}",
+                 f"command: {shlex.join(redact_argv(list(self.spec.argv)))}",
                  f"cwd:     {self.spec.cwd}"]
         for node, a in zip(self.slurm.nodes, self.agents, strict=False):
             lines.append(f"node {node} (node_rank {a.node_rank}): rendezvous {a.master_addr}:{a.master_port}, "
                          f"{a.nproc_per_node} ranks")
             for k in sorted(a.env):
                 reason = self.env_reasons.get(k, "")
-                lines.append(f"    {k}={a.env[k]}" + (f"    # {reason}" if reason else ""))
+                lines.append(f"    {k}={redact_value(k, a.env[k])}" + (f"    # {reason}" if reason else ""))
         return "\n".join(lines)
 
 
@@ -216,7 +222,10 @@ class SlurmBackend(Backend):
     def dryrun(self, spec: JobSpec) -> Request:
         if self.in_allocation():
             return self._allocation_request(spec)
-        return SbatchRequest.of(spec, script=render_sbatch(self.opts, spec, cwd=str(spec.launch_dir)))
+        from aitrain.launcher.redact import split_secrets
+
+        return SbatchRequest.of(spec, script=render_sbatch(self.opts, spec, cwd=str(spec.launch_dir)),
+                                secret_env=split_secrets(spec.relaunch)[1])
 
     # -- from a login node ---------------------------------------------------------
 
@@ -225,17 +234,18 @@ class SlurmBackend(Backend):
             raise BackendError("inside a Slurm allocation the job runs here, it is not submitted again",
                                "run `aitrain launch backend=slurm` (without submitting) inside the allocation")
         path = request.script_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+        private_dir(path.parent)
         write_atomic(path, request.script, mode=0o700)
-        out = self.runner(["sbatch", "--parsable", str(path)]).stdout.strip()
+        # sbatch hands its environment to the batch job: the secret arguments travel there, not in the script.
+        extra = {"env": request.secret_env} if request.secret_env else {}
+        out = self.runner(["sbatch", "--parsable", str(path)], **extra).stdout.strip()
         jobid, _, cluster = out.partition(";")
         if not jobid.isdigit():
             raise BackendError(f"sbatch answered {out!r}, not a job id", "check `sbatch --parsable` by hand")
         cluster = cluster or self._cluster_name()
         handle = f"slurm://{cluster}/{jobid}"
         JobRegistry().remember(handle, backend=self.name, run_dir=request.spec.run_dir)
-        (request.spec.run_dir / "slurm-handle").write_text(handle + "\n")
+        write_atomic(request.spec.run_dir / "slurm-handle", handle + "\n")
         return handle
 
     def _cluster_name(self) -> str:

@@ -4,6 +4,14 @@ The script runs the job's relaunch command (``aitrain launch`` with the same ove
 the run directory pinned; see :attr:`aitrain.launcher.job.JobSpec.relaunch`) inside the
 allocation. Every value placed in a shell line is shell-quoted; ``#SBATCH`` values with
 shell characters are refused (sbatch does not shell-parse them).
+
+Secrets never go in the script (it is a file in the run dir, and the dry run prints it):
+secret-looking overrides and program arguments are written as ``***``
+(:func:`aitrain.launcher.redact.split_secrets`), and :meth:`SlurmBackend.submit` passes their
+values in sbatch's environment, which sbatch hands to the batch job (its default
+``--export=ALL``; Slurm keeps it for a requeued attempt). The re-run takes them back from
+there before Hydra sees its arguments. A script run without that environment (resubmitted
+by hand) stops at its first line instead of running with ``***`` as a password.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 from aitrain import __version__
 from aitrain.errors import ConfigError
 from aitrain.launcher.job import JobSpec
+from aitrain.launcher.redact import SECRET_ARGS_ENV, split_secrets
 
 # Characters that #SBATCH option values may not contain (sbatch does not shell-parse them).
 _UNSAFE_SBATCH = re.compile(r"[\s'\"\\$`;&|<>()]")
@@ -57,16 +66,33 @@ def sbatch_directives(opts: Any, spec: JobSpec) -> list[str]:
         f"--signal={_sbatch_value('signal', opts.signal)}@{int(opts.signal_lead_s)}",
         "--requeue",
     ]
+    secrets = bool(split_secrets(spec.relaunch)[1])
     for raw in opts.extra_sbatch:
         if "\n" in raw or "\r" in raw:
             raise ConfigError(f"backend.extra_sbatch entry {raw!r} contains a newline",
                               "give one #SBATCH option per list entry")
-        lines.append(raw if raw.startswith("-") else f"--{raw}")
+        line = raw if raw.startswith("-") else f"--{raw}"
+        lines.append(_export_secrets(line) if secrets else line)
     return lines
 
 
+def _export_secrets(line: str) -> str:
+    """A user's ``--export=`` that leaves the submitter's environment behind still passes the
+    job's secret arguments (``NONE`` + them is what ``--export=VAR`` means)."""
+    key, sep, value = line.partition("=")
+    if key != "--export" or not sep:
+        return line
+    names = [v for v in value.split(",") if v]
+    if "ALL" in names or SECRET_ARGS_ENV in names:
+        return line
+    names = [v for v in names if v != "NONE"] + [SECRET_ARGS_ENV]
+    return f"--export={','.join(names)}"
+
+
 def render_sbatch(opts: Any, spec: JobSpec, *, cwd: str) -> str:
-    """The whole batch script: the directives, then ``exec`` of the job's relaunch command."""
+    """The whole batch script: the directives, then ``exec`` of the job's relaunch command
+    (its secrets as ``***``, their values in the environment ``submit`` gives sbatch)."""
+    relaunch, secrets = split_secrets(spec.relaunch)
     body = [
         "#!/bin/bash",
         *[f"#SBATCH {line}" for line in sbatch_directives(opts, spec)],
@@ -74,8 +100,14 @@ def render_sbatch(opts: Any, spec: JobSpec, *, cwd: str) -> str:
         "# allocation with the same overrides; node agents start the ranks with srun.",
         "set -euo pipefail",
         "umask 077",
+    ]
+    if secrets:
+        body += [f"# The values of the *** arguments: in {SECRET_ARGS_ENV}, from the environment aitrain gave sbatch.",
+                 f': "${{{SECRET_ARGS_ENV}:?is not set: submit this job with aitrain launch, which passes the '
+                 'values of its secret arguments}"']
+    body += [
         f"cd {shlex.quote(cwd)}",
-        "exec " + shlex.join(spec.relaunch),
+        "exec " + shlex.join(relaunch),
         "",
     ]
     return "\n".join(body)
