@@ -238,6 +238,7 @@ _AT_LEAST: tuple[tuple[str, float, str], ...] = (
     ("data.num_sequences", 1, "sequences in the dataset"),
     ("checkpoint.every_n_steps", 0, "steps between checkpoints (0: never)"),
     ("checkpoint.keep", 0, "checkpoints kept (0: all)"),
+    ("checkpoint.save_timeout_s", 1, "seconds a checkpoint on SIGTERM/Ctrl-C may take"),
     ("watchdog.timeout_s", 0, "seconds without progress (0: off)"),
     ("fabric.collective_timeout_s", 1, "process-group timeout"),
     ("fabric.smoke_timeout_s", 1, "smoke test timeout"),
@@ -293,7 +294,7 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
     job = dataclasses.replace(job, nproc_per_node=local_world_size(job.nproc_per_node, gpus_per_node=gpus))
     check_job(job, launch_dir)
     resources = ResourceRequest.from_config(job)
-    run_dir = Path(job.run_dir).resolve()
+    run_dir = Path(job.run_dir or ".").resolve()  # set by Hydra (None only in `--cfg job --resolve`)
     config_file = run_dir / CONFIG_FILE
     env = {
         "AITRAIN_RUN_DIR": str(run_dir),

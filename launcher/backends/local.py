@@ -181,6 +181,8 @@ class LocalBackend(Backend):
 
     def run(self, request: Request) -> Outcome:
         """Start the ranks and wait for them."""
+        from aitrain.launcher.preemption import agent_grace_s
+
         assert isinstance(request, LocalRequest)
         spec = request.spec
         if request.preflight is not None:
@@ -198,7 +200,8 @@ class LocalBackend(Backend):
             max_restarts=self.max_restarts,
             monitor_interval=self.monitor_interval,
             start_method=self.start_method,
-            shutdown_timeout=self.shutdown_timeout,
+            # Long enough for the built-in job's checkpoint on SIGTERM/Ctrl-C when it checkpoints.
+            shutdown_timeout=agent_grace_s(spec.config, self.shutdown_timeout),
             services=services_options(spec, env),
             resources=request.node.to_dict() if request.node else {},
             cwd=str(spec.cwd),

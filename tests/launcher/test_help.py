@@ -23,3 +23,15 @@ def test_launch_help_is_what_hydra_renders(tmp_path: Path) -> None:
 def test_launch_help_with_a_bad_override_is_one_error(tmp_path: Path) -> None:
     r = run_aitrain(["launch", "--help", "strategy=nope"], tmp_path)
     assert r.returncode == 2 and "Available options in 'strategy'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cfg_info_and_package_as_in_plain_hydra(tmp_path: Path) -> None:
+    for args, expect in ((["--cfg", "job", "--resolve"], "run_dir: null"),  # no run yet: Hydra sets it
+                         (["--cfg", "job"], "run_dir: ${hydra:runtime.output_dir}"),
+                         (["--cfg", "hydra"], "output_subdir:"),
+                         (["--cfg", "all", "--resolve"], "hydra:"),
+                         (["--cfg", "job", "-p", "train", "train.steps=7"], "steps: 7"),
+                         (["--info"], "Hydra 1.3")):
+        r = run_aitrain(["launch", *args], tmp_path)
+        assert r.returncode == 0 and expect in r.stdout, (args, r.stdout[-500:], r.stderr[-500:])
+        assert "Traceback" not in r.stderr

@@ -638,7 +638,9 @@ def run_group(ray: Any, request: Any, opts: Any, *, attempt: int, argv: list[str
         # Teardown must not be interrupted by a second signal (or a second Ctrl-C).
         held = {int(sig): signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *old)} if main else {}
         try:
-            group.teardown()
+            from aitrain.launcher.preemption import agent_grace_s
+
+            group.teardown(grace_s=agent_grace_s(spec.config, 3))  # a checkpoint on SIGTERM, if one is configured
         finally:
             for sig, h in held.items():
                 signal.signal(sig, old.get(sig, h))

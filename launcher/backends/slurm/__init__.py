@@ -359,6 +359,7 @@ class SlurmBackend(Backend):
     def _agent_requests(self, req: AllocationRequest, slurm: SlurmEnvironment, *, rendezvous: str, port: int,
                         node_env: Mapping[str, Mapping[str, str]]) -> list[AgentRequest]:
         from aitrain.launcher.node.services import services_options
+        from aitrain.launcher.preemption import agent_grace_s
         from aitrain.launcher.resources import plan_node
         from aitrain.launcher.supervise import trampoline_argv
 
@@ -389,6 +390,7 @@ class SlurmBackend(Backend):
                 resources=resources,
                 services=services_options(spec, env),
                 cwd=str(spec.cwd),
+                shutdown_timeout=agent_grace_s(spec.config, 5),  # a checkpoint on scancel's SIGTERM
             ))
         return reqs
 
