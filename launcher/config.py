@@ -360,7 +360,7 @@ def validate_overrides(overrides: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # hydra's OverrideParseException
         raise ConfigError(f"could not parse overrides {overrides}: {e}",
-                          "overrides look like key=value, +key=value or group=option") from e
+                          "overrides look like train.lr=1e-3, +group=option or strategy=fsdp") from e
     backend = "local"
     for o in parsed:
         if o.key_or_group == "backend" and o.package is None:

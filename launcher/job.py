@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aitrain.errors import ConfigError
 from aitrain.launcher.config import JobConfig
 from aitrain.launcher.resources import ResourceRequest
+from aitrain.launcher.util import PRIVATE_UMASK, USER_UMASK_ENV, user_umask
 
 if TYPE_CHECKING:
     from aitrain.launcher.backends.api import Backend
@@ -304,6 +305,11 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
         "PYTHONUNBUFFERED": "1",
     }
     reasons: dict[str, str] = {}
+    umask = user_umask()
+    if user_program(job) and umask is not None and umask != PRIVATE_UMASK:
+        # aitrain's own files are private (umask 077); the user's program writes as under torchrun.
+        env[USER_UMASK_ENV] = f"{umask:03o}"
+        reasons[USER_UMASK_ENV] = "the umask the program gets back (aitrain's files use 077; supervise.py)"
     if chdir and job.module:  # `python -m` finds modules in its cwd, which is now the run dir
         path = os.pathsep.join(p for p in (str(launch_dir), os.environ.get("PYTHONPATH", "")) if p)
         env["PYTHONPATH"] = path

@@ -55,6 +55,9 @@ def main() -> None:
     set_parent_death_signal()
     if os.getppid() != parent:  # the parent died before prctl took effect
         sys.exit(1)
+    umask = os.environ.pop("AITRAIN_USER_UMASK", "")  # util.USER_UMASK_ENV
+    if umask.isdigit():  # the user's program creates files as under torchrun, not 077 like aitrain's
+        os.umask(int(umask, 8))
     if "AITRAIN_RANK_PLAN" in os.environ:  # binding, cgroup, profiler: see launcher/resources.py
         from aitrain.launcher.resources import apply_rank_plan
 

@@ -12,10 +12,24 @@ PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 
 
+USER_UMASK_ENV = "AITRAIN_USER_UMASK"  # the umask a user's program gets back (launcher/supervise.py)
+_user_umask: list[int] = []
+
+
 def private_umask() -> int:
     """Make every file and directory this process (and every process it starts: node agents,
     ranks, the srun steps) creates its user's only; the umask it had."""
-    return os.umask(PRIVATE_UMASK)
+    old = os.umask(PRIVATE_UMASK)
+    if not _user_umask:
+        _user_umask.append(old)
+    return old
+
+
+def user_umask() -> int | None:
+    """The umask the user launched with (before :func:`private_umask`), if it was changed."""
+    if os.environ.get(USER_UMASK_ENV, "").isdigit():  # a re-run (sbatch, Jobs API) of a private launch
+        return int(os.environ[USER_UMASK_ENV], 8)
+    return _user_umask[0] if _user_umask else None
 
 
 def private_dir(path: Path | str) -> Path:

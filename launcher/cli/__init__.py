@@ -91,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(_available()[args.command][0])
         return int(module.run(args) or 0)
     except AitrainError as e:
-        print(f"aitrain: error: {e}", file=sys.stderr)
+        from aitrain.launcher.redact import redact_text
+
+        print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("aitrain: interrupted", file=sys.stderr)

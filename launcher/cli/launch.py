@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import AitrainError, ConfigError
 from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, register_configs, to_job_config, validate_overrides
+from aitrain.launcher.redact import redact_text
 
 if TYPE_CHECKING:
     from aitrain.launcher.backends.api import Backend, Request
@@ -179,7 +180,7 @@ def _hydra_main(argv: list[str]) -> None:
         try:
             code = launch(cfg)
         except AitrainError as e:
-            print(f"aitrain: error: {e}", file=sys.stderr, flush=True)
+            print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
         if code:
             raise SystemExit(code)
@@ -197,7 +198,7 @@ def _hydra_main(argv: list[str]) -> None:
             if started or os.environ.get("HYDRA_FULL_ERROR") == "1":  # the job's own errors: Hydra's report
                 return hydra_report(lambda: _raise(failure))
             error = usage_error(failure)
-            print(f"aitrain: error: {error}", file=sys.stderr, flush=True)
+            print(f"aitrain: error: {redact_text(str(error))}", file=sys.stderr, flush=True)
             raise SystemExit(error.exit_code) from None
 
     saved = sys.argv
@@ -307,7 +308,7 @@ def _dry_run(overrides: list[str], *, multirun: bool) -> int:
                 code = launch(compose_job(job_overrides, sweep_num=num if multirun else None),
                               overrides=job_overrides)
             except AitrainError as e:
-                print(f"aitrain: error: {e}", file=sys.stderr, flush=True)
+                print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
                 return e.exit_code
             if code:
                 return code
@@ -409,7 +410,7 @@ def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
                  if result.mlflow_run_id else ""), flush=True)
     elif outcome.state.value != "PREEMPTED":  # a preempted job was requeued: the next attempt goes on
         hint = f"\nHINT: {outcome.hint}" if outcome.hint else ""
-        print(f"aitrain: error: {outcome.message}{hint}", file=sys.stderr, flush=True)
+        print(redact_text(f"aitrain: error: {outcome.message}{hint}"), file=sys.stderr, flush=True)
     if _options["json"]:  # the last line of stdout
         print(json.dumps({"handle": result.handle, "backend": backend.name, "run_dir": str(spec.run_dir),
                           "state": outcome.state.value, "exit_code": outcome.exit_code,

@@ -110,3 +110,11 @@ def test_long_values_take_linear_time(isolated: Path, capsys: pytest.CaptureFixt
         times[n] = elapsed
     assert times[100_000] < 5, times
     assert times[100_000] < 10 * times[10_000] + 1.0, times
+
+
+@pytest.mark.parametrize("bad", ["strategy=nope", "train.steps=abc", "fabric.env.X=[unclosed"])
+def test_errors_do_not_print_secrets(tmp_path: Path, bad: str) -> None:
+    r = run_aitrain(["launch", "dry_run=true", "fabric=off", "fabric.env.DB_PASSWORD=hunter2", bad], tmp_path,
+                    timeout=60)
+    assert r.returncode == 2 and "aitrain: error:" in r.stderr, r.stderr
+    assert "hunter2" not in r.stderr + r.stdout

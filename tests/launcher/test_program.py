@@ -229,3 +229,19 @@ def test_user_mlflow_logging_joins_the_launch_run(tmp_path: Path, end_as: str, e
     assert run.data.params["user_param"] == "x" and run.data.params["nproc_per_node"] == "2"
     assert run.info.status == status  # aitrain ends the run last, with the job's status
     assert run.data.tags["aitrain.tracked"] == "true"
+
+
+@pytest.mark.slow
+def test_the_program_gets_the_users_umask_back(tmp_path: Path) -> None:
+    """aitrain's own files are private (umask 077); the user's program creates files as it
+    would under torchrun."""
+    (tmp_path / "umask.py").write_text("import os\nu = os.umask(0)\nprint(f'umask={u:03o}', flush=True)\n")
+    cmd = " ".join([sys.executable, "-m", "aitrain.launcher.cli", "launch", "tracking=none", "fabric=off",
+                    "nproc_per_node=1", "--", "umask.py"])
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run(["bash", "-c", f"umask 022; exec {cmd}"], cwd=tmp_path, env=env, text=True,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "[rank0]:umask=022" in r.stdout, r.stdout
+    run_dir = next((tmp_path / "outputs").glob("*/*"))
+    assert run_dir.stat().st_mode & 0o777 == 0o700
