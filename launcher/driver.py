@@ -89,7 +89,8 @@ def run_job(backend: Backend, request: Request) -> LaunchResult:
         from aitrain.launcher.ghosts import record_launcher, recover_from_registry
 
         record_launcher(spec.run_dir)  # if this process is killed outright, the next command ends its run
-        threading.Thread(target=recover_from_registry, name="aitrain-ghosts", daemon=True).start()
+        threading.Thread(target=recover_from_registry, kwargs={"store": tracker.state.get("uri")},
+                         name="aitrain-ghosts", daemon=True).start()
     if tracker is not None and user_program(spec.config):
         # The user's code may log to MLflow itself: into this launch's run, not a second one.
         mlflow_env = tracker.rank_env()

@@ -108,11 +108,19 @@ def recover_dirs(run_dirs: Iterable[Path | str], say: Callable[[str], None] | No
     return done
 
 
-def recover_from_registry(say: Callable[[str], None] | None = _stderr) -> int:
-    """The killed launches among the jobs launched from this machine (``aitrain list``'s registry)."""
+def recover_from_registry(say: Callable[[str], None] | None = _stderr, *, store: str | None = None) -> int:
+    """The killed launches among the jobs launched from this machine (``aitrain list``'s registry);
+    ``store``: only those that tracked to this MLflow store (a launch cleans up its own store,
+    and says nothing of others' servers)."""
     from aitrain.launcher.backends.api import JobRegistry
 
-    return recover_dirs((str(e.get("run_dir")) for _, e in JobRegistry().entries() if e.get("run_dir")), say)
+    dirs = [str(e.get("run_dir")) for _, e in JobRegistry().entries() if e.get("run_dir")]
+    if store is not None:
+        from aitrain.launcher.redact import redact_text
+
+        want = {store, redact_text(store)}  # tracking.json keeps the URI without its credentials
+        dirs = [d for d in dirs if (_unfinished(Path(d)) or {}).get("uri") in want]
+    return recover_dirs(dirs, say)
 
 
 def recover_from_store(store: Any, experiment_ids: list[str],

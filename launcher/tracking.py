@@ -263,8 +263,9 @@ class Tracker:
             env["MLFLOW_RUN_ID"] = self.run_id
         if self.state.get("experiment_id"):
             env["MLFLOW_EXPERIMENT_ID"] = str(self.state["experiment_id"])
-        else:
-            env["MLFLOW_EXPERIMENT_NAME"] = self.experiment
+        # Also the name: Accelerate's and HF's MLflow trackers create an experiment of their own
+        # name unless it is set, even when they log into MLFLOW_RUN_ID's run.
+        env["MLFLOW_EXPERIMENT_NAME"] = self.experiment
         return env
 
     def phase(self, name: str, seconds: float) -> None:
