@@ -59,3 +59,22 @@ def test_framework_job_on_one_gpu(tmp_path: Path, name: str, note: Any) -> None:
         f"the GPU's used memory rose by {swing:.0f} MiB while the job ran: it did not run on the GPU?\n"
         + run.stdout[-3000:])
     note(f"{framework}: finished in {seconds:.0f}s, GPU memory +{swing:,.0f} MiB while it ran")
+
+
+def test_torchtitan_debug_model_on_one_gpu(tmp_path: Path) -> None:
+    """torchtitan needs CUDA (0.3 takes `cuda` as its device when no accelerator is present, and
+    imports triton), so it is tested here: `-- -m torchtitan.train` with its smallest debug
+    model, run from a torchtitan checkout (its debug config reads ./tests/assets/)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torchtitan") is None or importlib.util.find_spec("triton") is None:
+        pytest.skip("torchtitan and triton are not installed (pip install torchtitan triton)")
+    checkout = Path(os.environ.get("TORCHTITAN_CHECKOUT", ""))
+    if not (checkout / "tests" / "assets" / "tokenizer").is_dir():
+        pytest.skip("TORCHTITAN_CHECKOUT is not a torchtitan checkout with tests/assets/ (the debug "
+                    "config's tokenizer and c4_test data)")
+    r = launch(checkout, ["nproc_per_node=1", f"run_root={tmp_path}"],
+               program=["-m", "torchtitan.train", "--module", "llama3", "--config", "llama3_debugmodel",
+                        "--training.steps", "10"], timeout=330)
+    assert "step: 10" in r.stdout or "step 10" in r.stdout, r.stdout[-3000:]
