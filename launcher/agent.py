@@ -156,8 +156,10 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
         exits = rank_exits(e.failures, ranks, services, node_name, *node.oom_ranks(e.failures))
-        return AgentResult(False, exit_code_of(exits), describe(exits),
-                           f"each rank's full output is under {req.log_dir}", node=node_name, ranks=exits)
+        hint = f"each rank's full output is under {req.log_dir}"
+        storage = storage_hint(exits, Path(req.log_dir).parent)
+        return AgentResult(False, exit_code_of(exits), describe(exits), f"{storage}; {hint}" if storage else hint,
+                           node=node_name, ranks=exits)
     except SignalException as e:
         sig = signal.Signals(e.sigval)
         exits = [RankExit(r, node=node_name, signal=sig.name, stopped=True) for r in ranks]
@@ -169,6 +171,37 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     finally:
         node.stop()  # kills and removes the job's cgroup: nothing of the job survives it
     return AgentResult(True, node=node_name)
+
+
+_STORAGE_ERRORS = (("No space left on device", "the disk is full: free space there (df -h {path}) or set "
+                                              "run_root=/checkpoint.dir= on another filesystem"),
+                   ("Disk quota exceeded", "the disk quota is used up: free space there or raise the quota"),
+                   ("Input/output error", "the storage failed (EIO): check the filesystem ({path}) and its server"),
+                   ("Read-only file system", "the filesystem is read-only: set run_root=/checkpoint.dir= elsewhere"),
+                   ("Permission denied", "permission denied: check the path's owner and mode (ls -ld {path})"))
+
+
+def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
+    """What to do when the root cause is a storage fault: the rank's OSError line names it, or
+    the run dir's filesystem is full (a library may turn ENOSPC into an error of its own:
+    torch.save says "unexpected pos")."""
+    import re
+
+    if run_dir is not None:
+        try:
+            st = os.statvfs(run_dir)
+            if st.f_bavail * st.f_frsize < (1 << 20):
+                return (f"the disk under {run_dir} is full ({st.f_bavail * st.f_frsize} bytes free): free space "
+                        f"there (df -h {run_dir}) or set run_root=/checkpoint.dir= on another filesystem")
+        except OSError:
+            pass
+    for e in exits[:1]:  # the root cause
+        text = " ".join([e.error, *e.tail[-3:]])
+        for needle, hint in _STORAGE_ERRORS:
+            if needle in text:
+                m = re.search(r"\[Errno \d+\] [^:]+: '([^']+)'", text)
+                return hint.format(path=m.group(1) if m else "the run dir")
+    return ""
 
 
 # Signals the elastic agent stops the other ranks with when one has failed.

@@ -91,3 +91,4 @@ def test_disk_fills_during_the_run(tmp_path: Path, small_disk: Path) -> None:
     assert "without a result" not in out and "--- Logging error ---" not in out, out[-3000:]
     assert "is unreachable" not in out, out[-3000:]
     assert r.stderr.count("aitrain: error:") == 1, r.stderr[-3000:]
+    assert "is full" in r.stderr and "free space there (df -h " in r.stderr, r.stderr[-3000:]
