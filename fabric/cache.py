@@ -28,6 +28,7 @@ from aitrain.errors import FabricError
 from aitrain.fabric.checks import FINDING_IDS, CheckOptions, check_with
 from aitrain.fabric.findings import Finding, Severity, has_errors
 from aitrain.fabric.probe import probe, resolve_roots
+from aitrain.fabric.probe.fs import read_regular
 from aitrain.fabric.topology import SCHEMA_VERSION, Cluster, HostTopology
 
 DEFAULT_MAX_AGE_S = 24 * 3600
@@ -49,9 +50,9 @@ def default_cache_dir() -> Path:
 
 
 def _read(path: Path, limit: int = 1 << 20) -> bytes:
+    """The first ``limit`` bytes of a regular file; a FIFO or device is never opened."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(limit)
+        return read_regular(path, limit, prefix=True)
     except OSError:
         return b"<unreadable>"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from aitrain.errors import FabricError
 from aitrain.fabric.findings import Finding, Severity
@@ -30,9 +30,15 @@ def host_context(
 ) -> HostContext:
     """Read the facts several rules share. ``rdma=None`` looks for ``<sys>/class/infiniband``."""
     for root, flag in ((paths.proc, "--proc-root"), (paths.sys, "--sysfs-root")):
-        if not Path(root).is_dir():
+        if not os.path.isdir(root):  # os.path: Path.is_dir raises under an untraversable dir
             raise FabricError(f"cannot read host settings: {root} is not a directory",
                               f"pass {flag} pointing at a mounted or captured tree")
+        try:
+            os.listdir(root)
+        except OSError as e:  # unreadable: every setting would read as "not available"
+            raise FabricError(f"cannot read host settings: {root}: {e.strerror or e}",
+                              f"run as a user who can read it (sudo), or pass {flag} pointing at "
+                              "a readable tree") from e
     nodes = read_numa_nodes(paths.sys)
     return HostContext(
         paths=paths,

@@ -33,31 +33,39 @@ def parse_cpulist(text: str) -> list[int]:
     ``aitrain.fabric.probe.parse.parse_cpulist``, which raises ``ValueError`` instead).
     The result is sorted, without repeats. A ``:used/group`` stride suffix (``0-3:2/4``)
     is accepted and ignored: sysfs never prints one. An element that is not ``N`` or
-    ``N-M`` with ``M >= N`` (an empty one included) raises :class:`FabricError`.
+    ``N-M`` with ``M >= N`` (an empty one included), or a list naming more than
+    131072 CPUs in all (repeats counted: the work stays linear in the text), raises
+    :class:`FabricError`.
     """
     cpus: set[int] = set()
     stripped = text.strip()
     if not stripped:
         return []
+    listed = 0  # CPUs named so far, repeats included: bounds the work of any text
     for part in stripped.split(","):
         part = part.strip()
         m = _CPULIST_ELEMENT.fullmatch(part)
+        named = repr(part if len(part) <= 40 else part[:40] + "...")
         try:
             lo = int(m.group(1)) if m else None
             hi = int(m.group(2)) if m and m.group(2) else lo
         except ValueError:  # more digits than int() converts
             lo = hi = None
         if lo is None or hi is None:
-            problem = f"{part!r} is not N or N-M"
+            problem = f"{named} is not N or N-M"
         elif hi < lo:
-            problem = f"{part!r} is a range that runs backwards"
+            problem = f"{named} is a range that runs backwards"
         elif hi - lo > _CPULIST_MAX_SPAN:
-            problem = f"{part!r} spans more than {_CPULIST_MAX_SPAN} CPUs"
+            problem = f"{named} spans more than {_CPULIST_MAX_SPAN} CPUs"
+        elif listed + hi - lo + 1 > 2 * _CPULIST_MAX_SPAN:
+            problem = f"it names more than {2 * _CPULIST_MAX_SPAN} CPUs"
         else:
+            listed += hi - lo + 1
             cpus.update(range(lo, hi + 1))
             continue
+        shown = stripped if len(stripped) <= 80 else stripped[:80] + "..."
         raise FabricError(
-            f"cannot parse CPU list {stripped!r}: {problem}",
+            f"cannot parse CPU list {shown!r}: {problem}",
             "a cpulist looks like 0-3,8,10-11 (the format of /sys/devices/system/cpu/online)",
         )
     return sorted(cpus)

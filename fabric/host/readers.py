@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from aitrain.fabric.probe.fs import MAX_TABLE_BYTES, read_regular
+
 LIVE_PROC = Path("/proc")
 LIVE_SYS = Path("/sys")
 LIVE_SHM = Path("/dev/shm")
@@ -43,9 +45,10 @@ class HostPaths:
 
 
 def read_text(path: Path) -> str | None:
-    """The file's text, or None when it is missing or unreadable."""
+    """The file's text, or None when it is missing, unreadable, not UTF-8, not a regular
+    file (a FIFO would block for ever) or bigger than any real kernel table."""
     try:
-        return path.read_text()
+        return read_regular(path, MAX_TABLE_BYTES).decode()
     except (OSError, UnicodeDecodeError):
         return None
 
@@ -93,7 +96,7 @@ def governor_paths(paths: HostPaths) -> dict[int, Path]:
     for entry in entries:
         m = re.fullmatch(r"cpu(\d+)", entry.name)
         gov = entry / "cpufreq/scaling_governor"
-        if m and gov.is_file():
+        if m and os.path.isfile(gov):  # os.path: Path.is_file raises under an untraversable dir
             found[int(m.group(1))] = gov
     return dict(sorted(found.items()))
 

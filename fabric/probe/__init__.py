@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 from aitrain.errors import FabricError
-from aitrain.fabric.probe.fs import Root
+from aitrain.fabric.probe.fs import MAX_TABLE_BYTES, Root
 from aitrain.fabric.topology import HostTopology, ProbeWarning
 
 LIVE_SYSFS = Path("/sys")
@@ -27,8 +27,29 @@ _NO_ROOT = "/nonexistent/aitrain-no-procfs"
 def _is_live(path: Path) -> bool:
     try:
         return path.resolve() == LIVE_SYSFS
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
+
+
+def _isdir(path: Path) -> bool:
+    # os.path.isdir, not Path.is_dir: that raises PermissionError below an untraversable dir
+    return os.path.isdir(path)
+
+
+def check_readable(path: Path, what: str = "", flag: str = "") -> None:
+    """A root the probe cannot list is an error, not a host without devices."""
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                os.lstat(entry.path)  # a listable but untraversable (no x bit) dir fails here
+                break
+    except OSError as e:
+        elsewhere = f", or point {flag} at another copy" if flag else ""
+        raise FabricError(
+            f"cannot read {what + ' ' if what else ''}{path}: {e.strerror or e}",
+            f"run as a user who can read it (sudo), or make the tree readable "
+            f"(chmod -R a+rX {path}){elsewhere}",
+        ) from e
 
 
 def resolve_roots(
@@ -37,23 +58,28 @@ def resolve_roots(
     """(sysfs root, procfs root or None). A host tree (a directory holding ``sys/``
     and maybe ``proc/``) is accepted in place of a sysfs root. When the sysfs root is
     a captured tree and ``proc_root`` is the live default, the tree's own ``proc/``
-    next to ``sys/`` is used instead (or none): never mix a capture with this host."""
+    next to ``sys/`` is used instead (or none): never mix a capture with this host.
+    A root that is missing, not a directory or unreadable raises :class:`FabricError`."""
     sys_path = Path(sysfs_root)
-    if not sys_path.exists():
+    if not os.path.exists(sys_path):
+        dangling = os.path.islink(sys_path)
         raise FabricError(
-            f"sysfs root {sys_path} does not exist",
+            f"sysfs root {sys_path} " + ("is a symlink to nowhere (or a symlink loop)" if dangling
+                                         else "does not exist"),
             "pass --sysfs-root pointing at /sys or a captured copy of it "
             "(a directory containing class/), or a host tree containing sys/ and proc/",
         )
-    if not sys_path.is_dir():
+    if not _isdir(sys_path):
         raise FabricError(f"sysfs root {sys_path} is not a directory",
                           "a path-map JSON goes through aitrain.fabric.sources.load_hosts")
+    check_readable(sys_path, "the sysfs root", "--sysfs-root")
     explicit_proc = proc_root is not None and Path(proc_root) != LIVE_PROCFS
-    if not (sys_path / "class").is_dir() and (sys_path / "sys").is_dir():
+    if not _isdir(sys_path / "class") and _isdir(sys_path / "sys"):
         if not explicit_proc:
-            proc_root = sys_path / "proc" if (sys_path / "proc").is_dir() else None
+            proc_root = sys_path / "proc" if _isdir(sys_path / "proc") else None
             explicit_proc = proc_root is not None
         sys_path = sys_path / "sys"
+        check_readable(sys_path, "the sysfs root", "--sysfs-root")
     proc: Path | None
     if _is_live(sys_path):
         proc = Path(proc_root) if proc_root is not None else LIVE_PROCFS
@@ -61,12 +87,15 @@ def resolve_roots(
         proc = Path(proc_root)
     else:
         sibling = sys_path.parent / "proc"
-        proc = sibling if sys_path.name == "sys" and sibling.is_dir() else None
-    if proc is not None and not proc.is_dir():
+        proc = sibling if sys_path.name == "sys" and _isdir(sibling) else None
+    if proc is not None and not _isdir(proc):
         raise FabricError(
-            f"procfs root {proc} does not exist",
+            f"procfs root {proc} does not exist" if not os.path.lexists(proc)
+            else f"procfs root {proc} is not a directory",
             "pass --proc-root pointing at /proc or a captured copy of it, or leave it out",
         )
+    if proc is not None:
+        check_readable(proc, "the procfs root", "--proc-root")
     return sys_path, proc
 
 
@@ -95,7 +124,7 @@ def probe(
     live = _is_live(sys_path)
     warnings: list[ProbeWarning] = []
     sys = Root(sys_path, warnings)
-    proc = Root(proc_path if proc_path is not None else _NO_ROOT, warnings)
+    proc = Root(proc_path if proc_path is not None else _NO_ROOT, warnings, max_bytes=MAX_TABLE_BYTES)
     if not sys.is_dir("class"):
         sys.warn(sys_path, "has no class/ directory: is this a sysfs tree?", "unreadable-file")
 
@@ -177,4 +206,4 @@ def _hostname(proc: Root, topo: HostTopology, sys_path: Path, live: bool) -> str
     return base.name or str(base)
 
 
-__all__ = ["probe", "resolve_roots"]
+__all__ = ["check_readable", "probe", "resolve_roots"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from aitrain.fabric.probe import parse
-from aitrain.fabric.probe.fs import Root
+from aitrain.fabric.probe.fs import Root, clip
 from aitrain.fabric.topology import Gid, Nic, RdmaDevice, RdmaPort
 
 IB_MTUS = (4096, 2048, 1024, 512, 256)
@@ -42,7 +42,7 @@ def _checked(sys: Root, rel: str, pattern: re.Pattern[str], what: str) -> str | 
     (captured trees replace values with placeholders like ``node_guid``)."""
     value = sys.read_value(rel)
     if value is not None and not pattern.match(value):
-        sys.warn(sys.join(rel), f"unexpected content {value!r}: not a {what}")
+        sys.warn(sys.join(rel), f"unexpected content {clip(value)}: not a {what}")
     return value
 
 
@@ -105,7 +105,7 @@ def _read_port(sys: Root, base: str, number: int, dev: RdmaDevice, nic_by_name: 
         try:
             port.rate_gbps = parse.parse_rate_gbps(port.rate_text)
         except ValueError as e:
-            sys.warn(sys.join(f"{base}/rate"), f"unexpected content {port.rate_text!r}: {e}")
+            sys.warn(sys.join(f"{base}/rate"), f"unexpected content {clip(port.rate_text)}: {e}")
     port.link_layer = sys.parse(f"{base}/link_layer", parse.parse_link_layer) or "unknown"
     port.lid = sys.read_value(f"{base}/lid", quiet=True)
     port.gids, port.gids_known = _read_gids(sys, base)

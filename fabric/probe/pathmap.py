@@ -35,9 +35,14 @@ def looks_like_path_map(data: object) -> TypeGuard[dict[str, object]]:
 def load_path_map(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise FabricError(f"cannot read path map {path}: {e}",
                           "pass a JSON object mapping /sys/... paths to file contents") from e
+    return path_map_contents(data, path)
+
+
+def path_map_contents(data: object, path: str | os.PathLike[str]) -> dict[str, str]:
+    """The parsed JSON ``data`` of ``path`` as path -> file content (non-string values as JSON)."""
     if not looks_like_path_map(data):
         raise FabricError(
             f"{path} is not a path map: expected a JSON object whose keys are /sys/... paths",
@@ -63,8 +68,10 @@ def materialize(paths: dict[str, str], dest: str | os.PathLike[str]) -> Path:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(content)
-        except OSError:
-            continue  # a path that is both a file and a directory in the map
+        except (OSError, ValueError):
+            # a path that is both a file and a directory in the map; a NUL byte or a
+            # lone surrogate in a name or content (ValueError): not in any real sysfs
+            continue
         cm = _CLASS_ENTRY.match(rel)
         if cm:
             entries.add((cm.group(1), cm.group(2), cm.group(3)))
@@ -81,5 +88,5 @@ def _link(link: Path, target: Path) -> None:
             return
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(target, link.parent))
-    except OSError:
+    except (OSError, ValueError):
         pass  # a path component is a file in the map: keep the map's content

@@ -118,7 +118,7 @@ def parse_if_inet6(text: str) -> tuple[dict[str, list[str]], list[str]]:
 
 def parse_fib_trie_local(text: str) -> list[ipaddress.IPv4Address]:
     """The host's own IPv4 addresses: leaves followed by a ``/32 host LOCAL`` line."""
-    found: list[ipaddress.IPv4Address] = []
+    found: dict[ipaddress.IPv4Address, None] = {}  # ordered, and linear on a huge trie
     leaf: str | None = None
     for line in text.splitlines():
         stripped = line.strip()
@@ -129,28 +129,32 @@ def parse_fib_trie_local(text: str) -> list[ipaddress.IPv4Address]:
                 addr = ipaddress.IPv4Address(leaf)
             except ValueError:
                 continue
-            if addr not in found:
-                found.append(addr)
-    return found
+            found.setdefault(addr)
+    return list(found)
 
 
 def assign_ipv4(addresses: list[ipaddress.IPv4Address], routes: list[Route]) -> dict[str, list[str]]:
     """Gives each local address to the interface of the narrowest connected route
     containing it (``10.0.0.5`` + ``10.0.0.0/24 dev eth0`` -> eth0: ``10.0.0.5/24``)."""
     out: dict[str, list[str]] = {}
-    connected = [r for r in routes if r.gateway is None and r.network is not None and r.network.version == 4]
+    # prefix length -> network -> the first connected route to it: a lookup per address
+    # costs at most 32 probes, however many routes and addresses a table holds
+    by_len: dict[int, dict[int, Route]] = {}
+    for r in routes:
+        net = r.network
+        if r.gateway is None and net is not None and net.version == 4 and net.prefixlen > 0:
+            by_len.setdefault(net.prefixlen, {}).setdefault(int(net.network_address), r)
+    lengths = sorted(by_len, reverse=True)
     for addr in addresses:
         if addr.is_loopback:
             out.setdefault("lo", []).append(f"{addr}/8")
             continue
-        best: Route | None = None
-        for r in connected:
-            net = r.network
-            if net is not None and net.prefixlen > 0 and addr in net:
-                if best is None or net.prefixlen > best.network.prefixlen:  # type: ignore[union-attr]
-                    best = r
-        if best is not None:
-            out.setdefault(best.interface, []).append(f"{addr}/{best.network.prefixlen}")  # type: ignore[union-attr]
+        value = int(addr)
+        for length in lengths:
+            best = by_len[length].get(value & (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF)
+            if best is not None:
+                out.setdefault(best.interface, []).append(f"{addr}/{length}")
+                break
     return out
 
 
@@ -171,8 +175,7 @@ def read_net_state(proc: Root) -> NetState:
         if text is None:
             continue
         routes, problems = parse(text)
-        for p in problems:
-            proc.warn(proc.join(rel), f"skipped {p}")
+        _warn_skipped(proc, rel, problems)
         state.routes.extend(routes)
         state.routes_known = True
     trie = proc.read_text("net/fib_trie")
@@ -181,9 +184,20 @@ def read_net_state(proc: Root) -> NetState:
     inet6 = proc.read_text("net/if_inet6")
     if inet6 is not None:
         state.ipv6, problems = parse_if_inet6(inet6)
-        for p in problems:
-            proc.warn(proc.join("net/if_inet6"), f"skipped {p}")
+        _warn_skipped(proc, "net/if_inet6", problems)
     return state
+
+
+MAX_LINE_WARNINGS = 5
+
+
+def _warn_skipped(proc: Root, rel: str, problems: list[str]) -> None:
+    """A few skipped lines by number, then how many more: a garbage table is one
+    problem, not one warning per line."""
+    for p in problems[:MAX_LINE_WARNINGS]:
+        proc.warn(proc.join(rel), f"skipped {p}")
+    if len(problems) > MAX_LINE_WARNINGS:
+        proc.warn(proc.join(rel), f"skipped {len(problems) - MAX_LINE_WARNINGS} more lines")
 
 
 def ip_route_get(address: str, timeout: float = 5.0) -> RouteLookup | None:

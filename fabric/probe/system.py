@@ -79,7 +79,7 @@ def _read_cpus(sys: Root, info: HostInfo) -> None:
 def _is_live(root: Root) -> bool:
     try:
         return root.path.resolve() in (Path("/proc"), Path("/sys"))
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
 
 
@@ -97,7 +97,8 @@ def _hypervisor(sys: Root, proc: Root) -> str | None:
         sys.read_value("class/dmi/id/product_name", quiet=True),
     )
     product = (sys.read_value("class/dmi/id/product_name", quiet=True) or "").lower()
-    cpuinfo = proc.read_text("cpuinfo", quiet=True)
+    # the first CPU's flags line is enough; a many-core cpuinfo can pass the table cap
+    cpuinfo = proc.read_text("cpuinfo", quiet=True, limit=1 << 20, prefix=True)
     if cpuinfo is not None and re.search(r"^flags\s*:", cpuinfo, re.MULTILINE):
         if parse.cpuinfo_has_hypervisor_flag(cpuinfo):
             return dmi or "unknown"

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from aitrain.fabric.topology import HostTopology
     from aitrain.launcher.nodes import Node
 
+# 0 fine; 1 the check found errors (or a bench result was wrong); 2 the command could not run
+EXIT_OK, EXIT_ERRORS, EXIT_FAILED = 0, 1, 2
+
 DESCRIPTION = """Discover and validate the network fabric of this host or of captured hosts.
 
 examples:
@@ -131,12 +134,34 @@ def write_stdout(text: str) -> None:
 
 
 def run_exit_2_on_error(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a fabric subcommand; an AitrainError means it could not run at all: exit code 2."""
+    """Run a fabric subcommand. An error means it could not run at all (bad input, an
+    unreadable tree): exit code 2, one ``aitrain: error:`` line and a HINT, never a
+    traceback, whatever raised it."""
     try:
         return fn(args)
     except AitrainError as e:
-        e.exit_code = 2
+        e.exit_code = EXIT_FAILED
         raise
+    except Exception as e:
+        raise could_not_run(f"fabric {getattr(args, 'fabric_command', None) or ''}".strip(), e) from e
+
+
+def could_not_run(command: str, e: Exception) -> FabricError:
+    """The error for an exception no reader turned into a FabricError (with the traceback
+    on stderr under ``AITRAIN_DEBUG=1``)."""
+    if os.environ.get("AITRAIN_DEBUG"):
+        traceback.print_exc()
+    if isinstance(e, OSError) and e.filename is not None:
+        err = FabricError(f"`aitrain {command}` failed on {e.filename}: {e.strerror or e}",
+                          "check that the path exists and this user may use it (or run as one who "
+                          "may); rerun with AITRAIN_DEBUG=1 for the traceback")
+    else:
+        err = FabricError(f"`aitrain {command}` could not run: {type(e).__name__}: {e}",
+                          "this is a bug in aitrain: rerun with AITRAIN_DEBUG=1 for the traceback "
+                          "and report it with the command line")
+    err.exit_code = EXIT_FAILED
+    return err
+
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("nodes to run on (default: this host)")
@@ -211,23 +236,21 @@ def _host_json(topo: HostTopology) -> dict[str, Any]:
 
 
 def run_probe(args: argparse.Namespace) -> int:
+    return run_exit_2_on_error(_run_probe, args)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
     from aitrain.launcher.cli.render import Style, render_topology, use_color
 
-    try:
-        hosts = collect_hosts(args, use_cache=args.cache)
-    except AitrainError as e:
-        e.exit_code = 2
-        raise
+    hosts = collect_hosts(args, use_cache=args.cache)
     if args.json:
         docs = [_host_json(h) for h in hosts]
         if args.host_check:
             from aitrain.fabric.host import HostPaths, check_host
 
             if len(docs) != 1 or getattr(args, "sysfs_root", None) or getattr(args, "from_json", None):
-                err = AitrainError("--host-check checks the live host only",
-                                   "run it on the host itself, without --sysfs-root/--from-json")
-                err.exit_code = 2
-                raise err
+                raise FabricError("--host-check checks the live host only",
+                                  "run it on the host itself, without --sysfs-root/--from-json")
             docs[0]["host_findings"] = [f.to_dict() for f in check_host(HostPaths(), host=hosts[0].hostname)]
         write_stdout(json.dumps({"hosts": docs}, indent=2) + "\n")
         return 0
@@ -237,9 +260,6 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 # -- aitrain fabric check ------------------------------------------------------------------------
-
-EXIT_OK, EXIT_ERRORS, EXIT_FAILED = 0, 1, 2
-
 
 def add_check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     parser = sub.add_parser(
@@ -268,16 +288,8 @@ def run_check(args: argparse.Namespace) -> int:
         for id_, what in FINDING_IDS.items():
             print(f"{id_.ljust(width)}  {what}")
         return EXIT_OK
-    try:
-        return _run_check(args)
-    except AitrainError as e:
-        e.exit_code = EXIT_FAILED
-        raise
-    except Exception as e:  # a bug must not read as "errors found" (exit 1)
-        print(f"aitrain: error: the fabric check could not run: {type(e).__name__}: {e}", file=sys.stderr)
-        if os.environ.get("AITRAIN_DEBUG"):
-            traceback.print_exc()
-        return EXIT_FAILED
+    # a bug must not read as "errors found" (exit 1): it is exit 2 like any failure to run
+    return run_exit_2_on_error(_run_check, args)
 
 
 def _run_check(args: argparse.Namespace) -> int:

@@ -100,12 +100,23 @@ def _ids(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit 2 with one ``aitrain: error:`` line and a HINT when the command cannot run,
+    whatever raised: never a traceback (``AITRAIN_DEBUG=1`` prints it as well)."""
     try:
-        if args.host_command == "check":
-            return _check(args)
-        return _tune(args)
+        try:
+            if args.host_command == "check":
+                return _check(args)
+            return _tune(args)
+        except AitrainError:
+            raise
+        except Exception as e:
+            from aitrain.launcher.cli.fabric import could_not_run
+
+            raise could_not_run(f"host {args.host_command}", e) from e
     except AitrainError as e:
-        print(f"aitrain: error: {e}", file=sys.stderr)
+        from aitrain.launcher.redact import redact_text
+
+        print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr)
         return EXIT_CANNOT_RUN
 
 
