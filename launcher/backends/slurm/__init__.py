@@ -338,10 +338,7 @@ class SlurmBackend(Backend):
         if slurm.in_step:
             raise BackendError("aitrain launch backend=slurm is running inside a job step (srun)",
                                "run it in the batch script or the salloc shell, not under srun")
-        if spec.nnodes not in (1, slurm.nnodes):
-            raise ConfigError(f"nnodes={spec.nnodes} but allocation {slurm.job_id} has {slurm.nnodes} nodes "
-                              f"({', '.join(slurm.nodes)})",
-                              f"set nnodes={slurm.nnodes} or leave it out inside the allocation")
+        check_allocation(spec, slurm)
         req: AllocationRequest = AllocationRequest.of(spec, slurm=slurm)
         # Ranks checkpoint and stop on Slurm's pre-time-limit signal (launcher/preemption.py).
         req.env[PREEMPT_ENV] = self.opts.signal
@@ -463,6 +460,39 @@ class SlurmBackend(Backend):
               f"(restart {slurm.restart_count + 1} of at most {self.opts.max_requeues})", flush=True)
         self.runner(["scontrol", "requeue", slurm.job_id])
         time.sleep(60)  # scontrol requeue terminates this script; don't report success before it does
+
+
+def _nnodes_given(spec: JobSpec) -> bool:
+    """``nnodes`` on the command line (the sbatch wrapper in slurm/ leaves it out: all nodes)."""
+    return any(o.lstrip("+~").partition("=")[0] == "nnodes" for o in spec.overrides)
+
+
+def check_allocation(spec: JobSpec, slurm: SlurmEnvironment) -> None:
+    """The job's nnodes and nproc_per_node against the allocation it runs in.
+
+    nnodes left out means the whole allocation; given, it must be the allocation's node
+    count (the job is not quietly spread over more nodes, or fewer, than asked for).
+    nproc_per_node is compared with the GPUs Slurm gave each node (SLURM_GPUS_ON_NODE) when
+    the ranks use them: more ranks than GPUs would share GPUs. It is not compared with
+    SLURM_NTASKS_PER_NODE: aitrain runs one task per node (its node agent), which starts the
+    ranks, so the allocation's task count says nothing about them.
+    """
+    shown = ", ".join(slurm.nodes[:8]) + (f", ... ({slurm.nnodes} in all)" if slurm.nnodes > 8 else "")
+    if spec.nnodes != slurm.nnodes and (spec.nnodes != 1 or _nnodes_given(spec)):
+        n = spec.nnodes
+        raise ConfigError(
+            f"nnodes={n} but Slurm allocation {slurm.job_id} has {slurm.nnodes} node(s) ({shown})",
+            f"set nnodes={slurm.nnodes} (or leave it out) to use the whole allocation, or run in an "
+            f"allocation of {n} node(s): `salloc -N {n}` / `sbatch -N {n}`, or `aitrain launch backend=slurm "
+            f"nnodes={n}` from a login node, which submits one")
+    gpus = slurm.gpus_on_node
+    if gpus and spec.config.device != "cpu" and spec.nproc_per_node > gpus:
+        raise ConfigError(
+            f"nproc_per_node={spec.nproc_per_node} but Slurm allocation {slurm.job_id} gives each node {gpus} "
+            f"GPU(s) (SLURM_GPUS_ON_NODE={gpus}): ranks would share GPUs",
+            f"set nproc_per_node={gpus} (or nproc_per_node=gpu: one rank per allocated GPU), ask for "
+            f"{spec.nproc_per_node} GPUs per node (--gpus-per-node={spec.nproc_per_node}; from a login node "
+            f"backend.gpus_per_node={spec.nproc_per_node}), or train on CPUs with device=cpu")
 
 
 def _node_results(run_dir: Path) -> dict[str, AgentResult]:
