@@ -36,9 +36,11 @@ from aitrain.launcher.backends.api import Backend, JobRegistry, JobState, JobSta
 from aitrain.launcher.backends.ray.address import (
     SERVER_SIDE_INIT_FAILURE,
     RayAddress,
+    check_reachable,
     connection_error,
     ensure_token_auth,
     find_token,
+    import_ray,
     parse_address,
 )
 from aitrain.launcher.backends.ray.jobs_api import JobsApi, jobs_client, parse_handle
@@ -250,7 +252,8 @@ class RayBackend(Backend):
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray = self._ray
         if ray is None:
-            import ray  # the lazy import: only when the backend runs a job
+            ray = import_ray()  # the lazy import: only when the backend runs a job
+            check_reachable(addr)  # seconds, not Ray's minute of retries, when nothing listens there
         if ray.is_initialized():
             yield ray
             return

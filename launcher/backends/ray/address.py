@@ -5,6 +5,11 @@
 * ``ray://head:10001``: the same through the Ray client;
 * ``http(s)://head:8265``: the Ray Jobs API (the cluster runs the whole job).
 
+Before Ray is asked to connect, the address's TCP port is tried with a short timeout
+(:func:`check_reachable`): Ray itself waits 30 s or more, then blames token auth, when
+nothing listens there. A missing ``ray`` package is one error with the install command
+(:func:`import_ray`).
+
 Token auth (Ray >= 2.52): ``ray start --head`` enables it when a token exists
 (``~/.ray/auth_token``, which any local ``ray.init()`` creates), and clients then connect
 only with ``RAY_AUTH_MODE=token`` set. aitrain sets it whenever it finds a token
@@ -17,10 +22,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sys
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aitrain.errors import BackendError, ConfigError
 
@@ -94,6 +103,103 @@ def ensure_token_auth(environ: dict[str, str] | None = None) -> str | None:
 
                 Config.initialize("")
     return where
+
+
+INSTALL_HINT = ("install the Ray extra into the Python that runs aitrain: `pip install -c constraints.txt "
+                "-e '.[ray]'` in a clone of aitrain (as README.md installs it), or `pip install 'aitrain[ray]'`")
+
+
+def _ray_missing() -> BackendError:
+    return BackendError(f"backend=ray needs the ray package, which is not installed for {sys.executable}",
+                        INSTALL_HINT)
+
+
+def import_ray() -> Any:
+    """``import ray``, or one BackendError that says how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        if (e.name or "").split(".")[0] == "ray":
+            raise _ray_missing() from e
+        raise BackendError(f"the ray package is installed but does not import: {type(e).__name__}: {e}",
+                           "reinstall it: " + INSTALL_HINT) from e
+    return ray
+
+
+PROBE_TIMEOUT_S = 3.0  # a TCP connect across a data centre takes milliseconds
+RAY_CLIENT_PORT = 10001  # `ray start --head --ray-client-server-port` default
+
+_NOT_LISTENING_HINTS = {
+    "gcs": "is the head up (`ray status` on it)? host:port is its GCS: `ray start --head --port=PORT` "
+           "(6379 unless given); from another machine use the head's address, not 127.0.0.1",
+    "client": "is the head up (`ray status` on it)? ray:// goes to its Ray client server, "
+              f"`ray start --head --ray-client-server-port=PORT` ({RAY_CLIENT_PORT} unless given)",
+    "jobs": "is the head up (`ray status` on it)? http:// goes to its dashboard (port 8265 unless "
+            "--dashboard-port is given); for other machines start it with --dashboard-host=0.0.0.0",
+}
+
+
+def endpoint(address: RayAddress) -> tuple[str, int] | None:
+    """The host and TCP port an address connects to first; None for a local Ray or ``auto``."""
+    if address.kind == "local" or not address.value or address.value == "auto":
+        return None
+    url = address.value if "://" in address.value else f"//{address.value}"
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"backend.address={address.value!r}: {e}",
+                          "a port is a number from 1 to 65535, e.g. ray://head:10001") from e
+    if not parts.hostname:
+        raise ConfigError(f"backend.address={address.value!r} names no host",
+                          "e.g. ray://head:10001, head:6379 or http://head:8265")
+    if port is None:
+        port = {"client": RAY_CLIENT_PORT, "jobs": 443 if parts.scheme == "https" else 80}.get(address.kind, 0)
+    return parts.hostname, port
+
+
+def _through_proxy(address: RayAddress, host: str) -> bool:
+    """Ray reaches this host through an HTTP(S) proxy: the Jobs API client (requests) where
+    http(s)_proxy is set, gRPC (GCS, Ray client) only with RAY_grpc_enable_http_proxy=1."""
+    proxies = urllib.request.getproxies_environment()
+    if address.kind == "jobs" and address.value:
+        names = [urllib.parse.urlsplit(address.value).scheme, "all"]
+    elif os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"):
+        names = ["grpc", "https", "http"]
+    else:
+        return False
+    return any(proxies.get(n) for n in names) and not urllib.request.proxy_bypass(host)
+
+
+def check_reachable(address: RayAddress, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Something listens at the address's host:port, or a BackendError saying what is wrong.
+
+    Ray's own clients retry a closed port for 30 s or more and then suggest token auth;
+    a TCP connect says "nothing is listening" at once. Not tried for a local Ray, ``auto``,
+    or a Jobs API reached through a proxy (the proxy, not this machine, connects there).
+    """
+    ep = endpoint(address)
+    if ep is None:
+        return
+    host, port = ep
+    if _through_proxy(address, host):
+        return
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hint = _NOT_LISTENING_HINTS.get(address.kind, "is the cluster up and reachable from here?")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except socket.gaierror as e:
+        raise BackendError(f"cannot connect to {address}: the host name {host!r} does not resolve ({e.strerror})",
+                           "check backend.address (or RAY_ADDRESS): the head node's name or IP address") from e
+    except ConnectionRefusedError as e:
+        raise BackendError(f"cannot connect to {address}: nothing is listening at {where} (connection refused)",
+                           hint) from e
+    except TimeoutError as e:
+        raise BackendError(f"cannot connect to {address}: no answer from {where} within {timeout:g} s (the host "
+                           "is down, or a firewall drops connections to that port)", hint) from e
+    except OSError as e:  # no route to host, network unreachable, ...
+        raise BackendError(f"cannot connect to {address}: {where}: {e.strerror or e}", hint) from e
 
 
 SERVER_SIDE_INIT_FAILURE = "Initialization failure from server"

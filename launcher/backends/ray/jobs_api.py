@@ -22,7 +22,13 @@ from typing import Any
 
 from aitrain.errors import BackendError, ConfigError
 from aitrain.launcher.backends.api import JobState, JobStatus, Outcome, read_outcome
-from aitrain.launcher.backends.ray.address import RayAddress, connection_error, ensure_token_auth
+from aitrain.launcher.backends.ray.address import (
+    RayAddress,
+    check_reachable,
+    connection_error,
+    ensure_token_auth,
+    import_ray,
+)
 
 HANDLE_RE = re.compile(r"^ray://(?P<dashboard>[^/]+)/(?P<id>[A-Za-z0-9_.\-]+)$")
 DEFAULT_DASHBOARD = "127.0.0.1:8265"
@@ -56,9 +62,11 @@ def parse_handle(handle: str, environ: Mapping[str, str] | None = None) -> tuple
 def jobs_client(dashboard: str) -> Any:
     """A ``JobSubmissionClient`` for the head's dashboard (token auth turned on when found)."""
     ensure_token_auth()
+    url = dashboard if dashboard.startswith(("http://", "https://")) else f"http://{dashboard}"
+    import_ray()
+    check_reachable(RayAddress("jobs", url))  # at once, where nothing listens (Ray retries, then blames auth)
     from ray.job_submission import JobSubmissionClient
 
-    url = dashboard if dashboard.startswith(("http://", "https://")) else f"http://{dashboard}"
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # ConnectionError, AuthenticationError, ...
