@@ -82,6 +82,7 @@ def run_job(backend: Backend, request: Request) -> LaunchResult:
     from aitrain.launcher.environment import detect
 
     spec = request.spec
+    backend.check_ready(request)  # a cluster that cannot be reached: an error now, not after MLflow starts
     prepare_run_dir(spec)
     handle = register_foreground(spec, backend.name)
     tracker = start_tracker(spec, request)

@@ -238,6 +238,12 @@ class Backend(ABC):
         """Overrides the re-run of a submitted job gets: (always set, set unless the user did)."""
         return {}, {}
 
+    def check_ready(self, request: Request) -> None:
+        """Before a job runs here: what can be found out in seconds about the cluster it needs
+        (a closed port), so the launch stops before it creates a run dir and an MLflow run.
+        Not part of the dry run, which touches no cluster. Default: nothing to check."""
+        return None
+
 
 # -- the jobs submitted from this machine -------------------------------------------------------
 

@@ -154,6 +154,12 @@ class RayBackend(Backend):
 
         return self.address.kind == "jobs" and detect(self.environ).kind != "ray"
 
+    def check_ready(self, request: Request) -> None:
+        addr = self.address
+        if self._ray is None and addr.kind in ("client", "gcs") and addr.value not in (None, "auto"):
+            import_ray()
+            check_reachable(addr)
+
     def relaunch_settings(self, job: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
         if parse_address(getattr(job.backend, "address", None), self.environ).kind != "jobs":
             return {}, {}
