@@ -85,7 +85,7 @@ def _dry_run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return code, capsys.readouterr().err, elapsed
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_fuzzed_overrides_never_traceback(isolated: Path, capsys: pytest.CaptureFixture[str],
                                           pairs: list[tuple[str, str]]) -> None:

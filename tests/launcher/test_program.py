@@ -54,7 +54,7 @@ def test_program_after_double_dash_composes_byte_for_byte(composing) -> None:
     assert (script, module, args) == (None, "pkg.train", ["--x", "1"])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
                 max_size=4))
 def test_any_argument_survives_hydra(composing, args: list[str]) -> None:
