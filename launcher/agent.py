@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result.write(Path(req.result_file))
     except OSError as e:
-        from aitrain.launcher.node.logstream import describe_os_error
+        from aitrain.launcher.util import describe_os_error
 
         print(f"aitrain.agent: {describe_os_error(e, req.result_file)}", file=sys.stderr, flush=True)
     if result_fd.isdigit():  # the launcher that started this agent reads it from the pipe if the file is missing

@@ -8,7 +8,6 @@ and no metric is lost.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -17,6 +16,8 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from aitrain.launcher.util import describe_os_error
 
 METRICS_ENV = "AITRAIN_METRICS_FILE"
 
@@ -80,8 +81,7 @@ class MetricsWriter:
             self._f = None  # reopened on the next record: a partly written line is left behind it
         if self._fault is None:
             self._fault = e
-            name = errno.errorcode.get(e.errno or 0, "")
-            print(f"aitrain: cannot write {self.path}: {e.strerror or e}{f' ({name})' if name else ''}; "
+            print(f"aitrain: {describe_os_error(e, self.path)}; "
                   f"training goes on, the newest {MAX_HELD} metric records are held in memory until it can",
                   file=sys.stderr, flush=True)
 

@@ -52,7 +52,7 @@ from typing import Any
 
 from aitrain.launcher.metrics import read_new
 from aitrain.launcher.redact import redact_mapping, redact_obj, redact_text, redact_uri, strip_uri_credentials
-from aitrain.launcher.util import write_atomic
+from aitrain.launcher.util import os_error_text, write_atomic
 
 log = logging.getLogger("aitrain.tracking")
 
@@ -744,7 +744,7 @@ def storage_fault(e: BaseException) -> str:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
                                                         errno.EACCES):
-            return f"{seen.strerror} ({errno.errorcode[seen.errno]})"
+            return os_error_text(seen)
         text = str(seen).lower()
         for needle, what in (("database or disk is full", "disk full (ENOSPC)"),
                              ("disk i/o error", "disk I/O error (EIO)"),

@@ -16,6 +16,20 @@ USER_UMASK_ENV = "AITRAIN_USER_UMASK"  # the umask a user's program gets back (l
 _user_umask: list[int] = []
 
 
+def os_error_text(e: OSError) -> str:
+    """``No space left on device (ENOSPC)``: what the system said, and the errno's name."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    return f"{e.strerror or e}" + (f" ({name})" if name else "")
+
+
+def describe_os_error(e: OSError, path: Path | str | None = None, doing: str = "write") -> str:
+    """``cannot write /x/y: No space left on device (ENOSPC)``."""
+    where = path if path is not None else (e.filename or "a file")
+    return f"cannot {doing} {where}: {os_error_text(e)}"
+
+
 def private_umask() -> int:
     """Make every file and directory this process (and every process it starts: node agents,
     ranks, the srun steps) creates its user's only; the umask it had."""

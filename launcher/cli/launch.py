@@ -224,9 +224,10 @@ def usage_error(e: BaseException) -> AitrainError:
     if isinstance(e, OSError) and not isinstance(e, HydraException):
         import errno
 
+        from aitrain.launcher.util import os_error_text
+
         where = f" {e.filename}" if e.filename else ""
-        name = errno.errorcode.get(e.errno or 0, "")
-        what = f"cannot create the run directory{where}: {e.strerror or e}" + (f" ({name})" if name else "")
+        what = f"cannot create the run directory{where}: {os_error_text(e)}"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return ConfigError(what, f"free space there (df -h {e.filename or '.'}), or set run_root= to "
                                      "a directory on another filesystem")

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from aitrain.launcher.util import describe_os_error
+
 # How long the copies of a line are collected before their "[repeated Nx]" summary is
 # printed; also the most any line (and the lines of that rank after it) is held back.
 DEDUP_WINDOW_S = 0.4
@@ -189,13 +191,20 @@ class Console:
 
     # -- what the reader calls ---------------------------------------------------------
 
-    def line(self, rank: int, text: str, is_err: bool = False) -> None:
-        """A complete line of a rank (also the last state of a progress line, at its newline)."""
+    def _admit(self, rank: int) -> float | None:
+        """The time now, with what is due printed first; None for a rank not shown."""
         if self.ranks is not None and rank not in self.ranks:
-            return
+            return None
         now = self.clock()
         if now >= self._due:
             self._expire(now)
+        return now
+
+    def line(self, rank: int, text: str, is_err: bool = False) -> None:
+        """A complete line of a rank (also the last state of a progress line, at its newline)."""
+        now = self._admit(rank)
+        if now is None:
+            return
         waiting = self._waiting.get(rank)
         if waiting is not None:
             waiting.append((False, is_err, text, now))
@@ -204,11 +213,9 @@ class Console:
 
     def progress(self, rank: int, text: str, is_err: bool = False) -> None:
         """The current state of a rank's line that is being rewritten with ``\\r``."""
-        if self.ranks is not None and rank not in self.ranks:
+        now = self._admit(rank)
+        if now is None:
             return
-        now = self.clock()
-        if now >= self._due:
-            self._expire(now)
         waiting = self._waiting.get(rank)
         if waiting is not None:  # behind a held line: only the newest state matters
             if waiting and waiting[-1][0] and waiting[-1][1] == is_err:
@@ -403,15 +410,6 @@ class _LogSink:
             except OSError as e:
                 self._fail(e)
             self._f = None
-
-
-def describe_os_error(e: OSError, path: Path | str | None = None) -> str:
-    """``cannot write /x/y: No space left on device (ENOSPC)``."""
-    import errno as errno_mod
-
-    where = path if path is not None else (e.filename or "a file")
-    name = errno_mod.errorcode.get(e.errno or 0, "")
-    return f"cannot write {where}: {e.strerror or e}" + (f" ({name})" if name else "")
 
 
 class RankStreams:
