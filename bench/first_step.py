@@ -33,12 +33,15 @@ torch.manual_seed(0)
 model = DDP(GPT(GPTArgs()))
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 data = MarkovTokens(256, 64, 4, 0)
-x, y = data.local_batch(0, 16, rank, world)
-loss = cross_entropy(model(x), y)
-loss.backward()
-opt.step()
-if rank == 0:
-    print(f"step 1/1 loss {loss.item():.4f}", flush=True)
+steps = int(os.environ.get("BENCH_STEPS", "1"))
+for step in range(1, steps + 1):
+    x, y = data.local_batch(step - 1, 16, rank, world)
+    loss = cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if rank == 0:
+        print(f"step {step}/{steps} loss {loss.item():.4f}", flush=True)
 dist.barrier()
 dist.destroy_process_group()
 '''

@@ -18,8 +18,11 @@ at the end it drains for ``drain_timeout_s``, and if the server is still away it
 so and leaves ``tracking.json`` (the run's params, tags, offsets) for
 ``aitrain runs sync <run_dir>`` to finish the job later.
 
-MLflow is imported only in the thread, after the first training step was reported
-(or the job has ended), so tracking never delays the start of the built-in job. A user's
+The embedded store (``sqlite:///``, the default) is written without importing MLflow
+(``mlflow_sqlite.py``: the same rows MLflow writes, checked against it), so tracking adds
+nothing measurable to a launch's command-to-exit. Any other store goes through MLflow's
+client, imported only in the thread after the first training step was reported (or the
+job has ended), so tracking never delays the start of the built-in job. A user's
 program (``script=``, ``module=``, ``-- train.py``) may log to MLflow itself: for it the run is
 created before the ranks start, and :meth:`Tracker.rank_env` gives them MLflow's own
 variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_RUN_ID``, ``MLFLOW_EXPERIMENT_ID``), so
@@ -51,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain.launcher.metrics import read_new
+from aitrain.launcher.mlflow_sqlite import Metric, MlflowStore, Param, RunTag, create_store, embedded_store
 from aitrain.launcher.redact import redact_mapping, redact_obj, redact_text, redact_uri, strip_uri_credentials
 from aitrain.launcher.util import os_error_text, write_atomic
 
@@ -89,7 +93,7 @@ def ensure_sqlite_store(uri: str) -> None:
         pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             stale.unlink(missing_ok=True)
-    if path.exists():
+    if path.exists() or create_store(path):  # from the snapshot of the installed MLflow's empty store
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
@@ -422,10 +426,14 @@ class Tracker:
 
     def _connect(self) -> Any:
         if self._client is None:
+            # The embedded store is written without importing MLflow (seconds of CPU on a
+            # short job's critical path: mlflow_sqlite.py); anything else through MLflow.
+            self._client = embedded_store(self.uri)
+        if self._client is None:
             # Fail fast and let the loop retry: MLflow's own retries would block for minutes.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            from mlflow.tracking import MlflowClient
+            import mlflow  # noqa: F401  (sets its loggers' levels on import)
 
             for name in ("alembic", "mlflow", "urllib3"):  # after the import: mlflow sets its own level
                 logging.getLogger(name).setLevel(logging.ERROR)
@@ -433,7 +441,7 @@ class Tracker:
                 self._user_suppressed_urls = os.environ.get(SUPPRESS_URL_ENV, "").lower() in ("1", "true")
                 os.environ[SUPPRESS_URL_ENV] = "true"
             ensure_sqlite_store(self.uri)
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = MlflowStore(self.uri)
         return self._client
 
     def _server_is_up(self) -> bool:
@@ -470,8 +478,6 @@ class Tracker:
         client = self._connect()
         self._ensure_run(client)
         run_id = self.state["run_id"]
-        from mlflow.entities import Param, RunTag
-
         if not self.state["params_logged"]:
             items = [Param(k, v) for k, v in sorted(self.state["params"].items())]
             for i in range(0, len(items), 100):
@@ -582,8 +588,6 @@ class Tracker:
         return [self.metrics_file, self.run_dir / PHASES_FILE, *sorted(self.run_dir.glob("system-*.jsonl"))]
 
     def _forward_spools(self, client: Any, run_id: str) -> None:
-        from mlflow.entities import Metric
-
         mfu = self._mfu_scale()
         not_before = self.state.get("not_before")
         for path in self._spools():
@@ -635,8 +639,6 @@ class Tracker:
 
     def _rank_phases(self, client: Any, run_id: str, final: bool) -> None:
         """phase/<mark>_s: the slowest rank's time for each phase, once every rank has it (or at the end)."""
-        from mlflow.entities import Metric
-
         from aitrain.launcher.progress import phase_durations, read_record
 
         world = int(self.state["tags"].get("world_size", "0") or 0)
@@ -661,8 +663,6 @@ class Tracker:
             self._save_state()
 
     def _finish_run(self, client: Any, run_id: str) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         summary = []
         steps = _column(self.metrics_file, "step_time_s")
@@ -696,8 +696,6 @@ class Tracker:
             self._upload(client, run_id, self.metrics_file, None)
         if hang:
             self._hang_tags(hang)
-        from mlflow.entities import RunTag
-
         with self._lock:
             tags = {k: v for k, v in self.state["tags"].items() if self.state["tags_logged"].get(k) != v}
         tags["aitrain.tracked"] = "true"

@@ -28,7 +28,8 @@ def test_wheel_layout(tmp_path: Path) -> None:
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"aitrain"}
     for module in ("aitrain/launcher/cli/__init__.py", "aitrain/launcher/backends/slurm/sbatch.py",
                    "aitrain/fabric/topology.py", "aitrain/strategies/api.py", "aitrain/configs/config.yaml",
-                   "aitrain/configs/strategy/fsdp.yaml", "aitrain/errors.py", "aitrain/py.typed"):
+                   "aitrain/configs/strategy/fsdp.yaml", "aitrain/errors.py", "aitrain/py.typed",
+                   "aitrain/launcher/mlflow_schema.sql"):
         assert module in names, module
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), \
         [n for n in names if "dist-info" in n]
