@@ -164,25 +164,39 @@ class BenchResult:
         return json.dumps(self.to_dict(), indent=2)
 
 
-def render_table(result: BenchResult) -> str:
-    """nccl-tests-like table, one block per collective."""
+TABLE_HEAD = f"{'size':>8} {'count':>11} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} {'check':>6}"
+
+
+def render_header(result: BenchResult) -> list[str]:
     lines = [f"# {result.world_size} rank(s), backend {result.backend}, device {result.device}"
              + (f", nodes {', '.join(result.nodes)}" if result.nodes else "")]
     for key in sorted(k for k in result.env if k.endswith("SOCKET_IFNAME") or k.startswith("NCCL_IB_HCA")):
         lines.append(f"#   {key}={result.env[key]}")
-    head = f"{'size':>8} {'count':>11} {'time(us)':>11} {'algbw(GB/s)':>12} {'busbw(GB/s)':>12} {'check':>6}"
+    return lines
+
+
+def render_row(row: BenchRow, previous: str | None = None) -> list[str]:
+    """A row's table line, after its collective's block heading when ``previous`` (the
+    collective of the row before it) is another one."""
+    lines = ["", f"## {row.collective}", TABLE_HEAD] if row.collective != previous else []
+    if row.error:
+        return [*lines, f"{fmt_size(row.size_bytes):>8} {row.count:>11} {'error: ' + row.error}"]
+    check = {True: "ok", False: "WRONG", None: "-"}[row.correct]
+    return [*lines, f"{fmt_size(row.size_bytes):>8} {row.count:>11} {row.time_us:>11.1f} "
+                    f"{row.algbw_gbps:>12.3f} {row.busbw_gbps:>12.3f} {check:>6}"]
+
+
+def render_table(result: BenchResult) -> str:
+    """nccl-tests-like table, one block per collective."""
+    lines = render_header(result)
     by_coll: dict[str, list[BenchRow]] = {}
     for r in result.rows:
         by_coll.setdefault(r.collective, []).append(r)
-    for coll, rows in by_coll.items():
-        lines += ["", f"## {coll}", head]
+    for rows in by_coll.values():
+        previous = None
         for r in rows:
-            if r.error:
-                lines.append(f"{fmt_size(r.size_bytes):>8} {r.count:>11} {'error: ' + r.error}")
-                continue
-            check = {True: "ok", False: "WRONG", None: "-"}[r.correct]
-            lines.append(f"{fmt_size(r.size_bytes):>8} {r.count:>11} {r.time_us:>11.1f} "
-                         f"{r.algbw_gbps:>12.3f} {r.busbw_gbps:>12.3f} {check:>6}")
+            lines += render_row(r, previous)
+            previous = r.collective
     return "\n".join(lines)
 
 
@@ -355,10 +369,14 @@ def run_collective(collective: str, size_bytes: int, *, iters: int | None = None
 
 
 def run_sweep(collectives: Iterable[str], sizes: Iterable[int], *, iters: int | None = None,
-              warmup: int = 1, device: str = "cpu", check: bool = True) -> list[BenchRow]:
+              warmup: int = 1, device: str = "cpu", check: bool = True,
+              on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """Every collective at every size; ``on_row`` sees each row as soon as it is measured."""
     rows = []
     sizes = list(sizes)
     for coll in collectives:
         for size in sizes:
             rows.append(run_collective(coll, size, iters=iters, warmup=warmup, device=device, check=check))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 EXIT_INTERFACE_DOWN = 3
 EXIT_WRONG_RESULT = 4
@@ -68,6 +71,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def _row_writer(path: str) -> Callable[[Any], None]:
+    """Appends each measured row to ``path`` (one JSON line, flushed) for the CLI to show."""
+    import dataclasses
+
+    def write(row: Any) -> None:
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(dataclasses.asdict(row)) + "\n")
+        except OSError:
+            pass  # the rows are a view; the result file is what counts
+
+    return write
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("bench", "smoke", "precheck"), default="bench",
@@ -82,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=None,
                     help="process-group timeout in seconds (default: AITRAIN_COLLECTIVE_TIMEOUT_S or 600)")
     ap.add_argument("--out", default=None, help="rank 0 writes the JSON result here")
+    ap.add_argument("--rows", default=None, help="rank 0 appends each row here (JSON lines) as it is measured")
     ap.add_argument("--label", default="")
     args = ap.parse_args(argv)
     _die_with_parent()
@@ -118,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 collectives = list(bench.COLLECTIVES)
             sizes = bench.size_sweep(args.sizes, args.factor)
             rows = bench.run_sweep(collectives, sizes, iters=args.iters or None, warmup=args.warmup,
-                                   device=device, check=not args.no_check)
+                                   device=device, check=not args.no_check,
+                                   on_row=_row_writer(args.rows) if rank == 0 and args.rows else None)
             result = bench.BenchResult(world_size=n, backend=backend, device=device, rows=rows,
                                        label=args.label)
         names: list[object] = [None] * n

@@ -145,8 +145,10 @@ def coordinate_search(
     *,
     start: dict[str, str | None] | None = None,
     margin: float = NOISE_MARGIN,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
-    """One dimension at a time; ``measure(setting) -> busbw`` (raise or return 0 on failure)."""
+    """One dimension at a time; ``measure(setting) -> busbw`` (raise or return 0 on failure);
+    ``on_trial`` sees each trial as it ends."""
     result = SearchResult(best=dict(start or {}))
 
     def trial(setting: dict[str, str | None]) -> float:
@@ -156,6 +158,8 @@ def coordinate_search(
         except Exception as e:  # a setting that breaks the job is simply not a winner
             value = 0.0
             result.trials.append(Trial(dict(setting), 0.0, f"{type(e).__name__}: {e}"))
+        if on_trial is not None:
+            on_trial(result.trials[-1])
         return value
 
     best = trial(result.best)
@@ -197,6 +201,7 @@ def search_and_store(
     size: str,
     backend: str = "auto",
     rendezvous: str | None = None,
+    on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchRun:
     """The search over ``cluster`` from the derived env ``tuned``, the winner stored as a
     profile in ``store`` (a :class:`~aitrain.fabric.profiles.ProfileStore`).
@@ -212,7 +217,7 @@ def search_and_store(
     def measure(setting: dict[str, str | None]) -> float:
         return measure_env(env_for(cluster, tuned, setting, rendezvous))
 
-    result = coordinate_search(dims, measure, start=start)
+    result = coordinate_search(dims, measure, start=start, on_trial=on_trial)
     fingerprint = cluster_fingerprint(cluster)
     gain = (result.best_busbw_gbps / result.baseline_busbw_gbps) if result.baseline_busbw_gbps else 0.0
     summary = f"all_reduce {size} busbw {result.best_busbw_gbps:.3f} GB/s ({gain:.2f}x the derived setting)"

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -441,12 +442,15 @@ def render_tuned(tuned: dict[str, Any], style: Any = None) -> str:
     return "\n\n".join(blocks)
 
 
+def render_trial(trial: dict[str, Any]) -> str:
+    setting = ", ".join(f"{k}={v}" for k, v in trial["setting"].items() if v is not None) or "derived"
+    value = f"{trial['busbw_gbps']:.3f}" if not trial.get("error") else f"failed ({trial['error']})"
+    return f"  {setting:<48} {value}"
+
+
 def render_search(out: dict[str, Any]) -> str:
     lines = [f"search: all_reduce {out['size']} busbw per candidate (GB/s)"]
-    for trial in out["trials"]:
-        setting = ", ".join(f"{k}={v}" for k, v in trial["setting"].items() if v is not None) or "derived"
-        value = f"{trial['busbw_gbps']:.3f}" if not trial.get("error") else f"failed ({trial['error']})"
-        lines.append(f"  {setting:<48} {value}")
+    lines += [render_trial(trial) for trial in out["trials"]]
     lines.append(f"winner: {out['summary']}; stored as profile {out['fingerprint']} ({out['path']})")
     return "\n".join(lines)
 
@@ -497,8 +501,17 @@ def _search(args: argparse.Namespace, hosts: list[Any], nodes: list[Any] | None,
                              nproc_per_node=options.nproc_per_node, timeout=args.timeout,
                              run_dir=base_dir / f"trial{next(counter)}")
 
+    done = iter(range(1, 1000))
+
+    def on_trial(trial: Any) -> None:  # long work: each trial on stderr as it ends (stdout is the result)
+        print(f"search trial {next(done)} ({args.search_size} all_reduce busbw, GB/s):"
+              f"{render_trial({'setting': trial.setting, 'busbw_gbps': trial.busbw_gbps, 'error': trial.error})}",
+              file=sys.stderr, flush=True)
+
+    print(f"search: one all_reduce bench per candidate setting on {len(run_nodes)} node(s); each trial is "
+          "printed as it ends", file=sys.stderr, flush=True)
     found = search_and_store(cluster, tuned, measure, store, size=args.search_size, backend=options.backend,
-                             rendezvous=args.rendezvous)
+                             rendezvous=args.rendezvous, on_trial=on_trial)
     keep = any(t.get("error") for t in found.trials)  # the rank logs of the failed trials
     if not keep:
         shutil.rmtree(base_dir, ignore_errors=True)
@@ -593,7 +606,7 @@ def prepare_nodes(args: argparse.Namespace) -> tuple[list[Any], dict[str, Any]]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from aitrain.fabric.bench import COLLECTIVES, BenchResult, plot_busbw, render_table, size_sweep
+    from aitrain.fabric.bench import COLLECTIVES, BenchResult, plot_busbw, render_header, size_sweep
     from aitrain.launcher.nodes import run_on_nodes
 
     collectives = [c.strip() for c in args.collectives.split(",") if c.strip()]
@@ -608,11 +621,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     nproc = args.nproc_per_node or (1 if args.netns else 2)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="aitrain-bench-"))
     out = run_dir / "result.json"
+    rows_file = run_dir / "rows.jsonl"
     argv = [sys.executable, "-u", "-m", "aitrain.fabric.bench_rank", "--mode", "bench",
             "--collectives", ",".join(collectives), "--sizes", args.sizes, "--factor", str(args.factor),
             "--iters", str(args.iters), "--warmup", str(args.warmup), "--backend", args.backend,
-            "--out", str(out), "--timeout", f"{args.timeout:g}"] + (["--no-check"] if args.no_check else [])
-    result_run = run_on_nodes(nodes, argv, nproc_per_node=nproc, timeout=args.timeout, run_dir=run_dir)
+            "--out", str(out), "--rows", str(rows_file), "--timeout", f"{args.timeout:g}"] \
+        + (["--no-check"] if args.no_check else [])
+    total = len(COLLECTIVES if "all" in collectives else collectives) * len(size_sweep(args.sizes, args.factor))
+    with RowFollower(rows_file, total, table=not args.json):
+        result_run = run_on_nodes(nodes, argv, nproc_per_node=nproc, timeout=args.timeout, run_dir=run_dir)
     if not result_run.ok or not out.exists():
         raise FabricError(f"the benchmark failed: {result_run.failure()}",
                           f"rank logs are under {run_dir}; `aitrain fabric tune` shows the env the ranks got")
@@ -627,9 +644,72 @@ def _run_bench(args: argparse.Namespace) -> int:
         doc["tuned"] = {h: t.to_dict() for h, t in tuned.items()}
         doc["run_dir"] = str(run_dir) if keep else None
         write_stdout(json.dumps(doc, indent=2) + "\n")
-    else:
-        text = render_table(result)
+    else:  # the rows are on stdout already, as they were measured
+        text = "\n" + "\n".join(render_header(result))
         if args.plot:
             text += f"\n\nplot: {args.plot}"
         write_stdout(text + "\n")
     return 0 if result.correct else 1
+
+
+class RowFollower:
+    """Shows ``fabric bench`` rows as rank 0 measures them (it appends them to ``rows.jsonl``):
+    the table's lines on stdout (unless ``--json``), and on a terminal a progress line on stderr
+    saying how many of ``total`` rows are done."""
+
+    def __init__(self, path: Path, total: int, *, table: bool, poll_s: float = 0.2) -> None:
+        self.path, self.total, self.table, self.poll_s = path, total, table, poll_s
+        self.offset = 0
+        self.done_rows = 0
+        self.previous: str | None = None
+        self.tty = sys.stderr.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="aitrain-bench-rows", daemon=True)
+
+    def __enter__(self) -> RowFollower:
+        if self.tty:
+            self._progress("starting the ranks")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._follow()  # the last rows
+        if self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._follow()
+
+    def _progress(self, what: str) -> None:
+        sys.stderr.write(f"\r\033[Kfabric bench: {self.done_rows}/{self.total} rows, {what}")
+        sys.stderr.flush()
+
+    def _follow(self) -> None:
+        from aitrain.fabric.bench import BenchRow, fmt_size, render_row
+
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return
+        end = chunk.rfind("\n") + 1
+        self.offset += len(chunk[:end].encode())
+        for line in chunk[:end].splitlines():
+            try:
+                row = BenchRow(**json.loads(line))
+            except (ValueError, TypeError):
+                continue
+            self.done_rows += 1
+            if self.table:
+                if self.tty:
+                    sys.stderr.write("\r\033[K")
+                    sys.stderr.flush()
+                write_stdout("\n".join(render_row(row, self.previous)) + "\n")
+            self.previous = row.collective
+            if self.tty:
+                self._progress(f"last {row.collective} {fmt_size(row.size_bytes)}")

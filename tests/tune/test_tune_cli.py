@@ -69,3 +69,25 @@ def test_bench_on_this_host_all_collectives(tmp_path):
                                                       "all_to_all", "sendrecv"]
     assert all(r["correct"] for r in doc["rows"])
     assert doc["env"]["GLOO_SOCKET_IFNAME"] == "lo"  # one host: loopback
+
+
+@pytest.mark.slow
+def test_bench_prints_each_row_as_it_is_measured(tmp_path):
+    """Rows reach stdout while the ranks still run (rank 0 writes result.json only at the end)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "GLOO_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "aitrain.launcher.cli", "fabric", "bench", "--collectives",
+                             "all_reduce,all_gather", "--sizes", "64K,16M", "--iters", "5", "--run-dir",
+                             str(tmp_path), "--timeout", "90"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout is not None
+    lines = []
+    finished_at_first_row = None
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if finished_at_first_row is None and line.strip().startswith("64K"):
+            finished_at_first_row = (tmp_path / "result.json").exists()
+    assert proc.wait(120) == 0, proc.stderr.read() if proc.stderr else ""
+    assert finished_at_first_row is False, "the first row came only after the benchmark had ended"
+    text = "\n".join(lines)
+    assert text.index("## all_reduce") < text.index("## all_gather") < text.index("# 2 rank(s), backend gloo")
+    assert sum(1 for line in lines if line.strip().endswith(" ok")) == 4

@@ -138,6 +138,9 @@ def test_cli_search_stores_a_profile_that_tune_then_uses(rig, tmp_path):
     doc = json.loads(out.stdout)
     trials = {t["setting"]["interface"]: t["busbw_gbps"] for t in doc["search"]["trials"]}
     assert set(trials) == {"fab0", "eth0"} and trials["fab0"] > 2 * trials["eth0"]
+    # Long work says what it did as it goes: each trial on stderr as it ended, stdout stays JSON.
+    shown = [line for line in out.stderr.splitlines() if line.startswith("search trial ")]
+    assert len(shown) == len(doc["search"]["trials"]) and "interface=fab0" in "\n".join(shown)
     assert doc["profile"] == doc["search"]["fingerprint"]
     assert list(tmp_path.glob("*.json"))
     out = aitrain("fabric", "tune", *ns, "--profile-dir", str(tmp_path), "--json")
