@@ -78,3 +78,66 @@ def up_or_skip(cluster: C, what: str) -> Iterator[C]:
         yield cluster
     finally:
         cluster.down()  # type: ignore[attr-defined]
+
+
+class MlflowServer:
+    """`mlflow server` on loopback for tests (sqlite store and artifacts under ``root``):
+    :meth:`launch` starts it in the background (it takes seconds: start it before it is
+    needed), :meth:`wait_up` waits for its /health, :meth:`start` does both; :meth:`stop`
+    returns when the port is free again (a test may start it anew)."""
+
+    def __init__(self, root: Path) -> None:
+        import socket
+
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def launch(self) -> None:
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=self.root,
+            stdout=log, stderr=log, start_new_session=True)
+
+    def wait_up(self, timeout: float = 90) -> None:
+        import urllib.request
+
+        assert self.proc is not None, "launch() first"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"mlflow server did not come up in {timeout}s")
+
+    def start(self, timeout: float = 90) -> None:
+        self.launch()
+        self.wait_up(timeout)
+
+    def stop(self) -> None:
+        import signal
+        import socket
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        for _ in range(50):  # the port is free again
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.1)

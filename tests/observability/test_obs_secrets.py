@@ -10,19 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aitrain_testing import run_aitrain
+from aitrain_testing import MlflowServer, run_aitrain
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -93,47 +88,12 @@ def loose_modes(root: Path) -> list[str]:
     return bad
 
 
-class MlflowServer:
-    """`mlflow server` on loopback; the launch reaches it as http://user:password@127.0.0.1:port
-    (the server has no auth and ignores the credentials)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-             "--artifacts-destination", str(root / "artifacts")],
-            env=dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=root,
-            stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"), start_new_session=True)
-
-    def wait_up(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise AssertionError(f"mlflow server did not come up in {timeout}s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))  # starts while the first tests run
+    # The launch reaches it as http://user:password@127.0.0.1:port (the server has no auth and
+    # ignores the credentials). It starts while the first tests run.
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    srv.launch()
     try:
         yield srv
     finally:
