@@ -57,25 +57,10 @@ def driver_present() -> bool:
 
 
 def _torch_build_cuda() -> tuple[str | None, str | None]:
-    """(torch version, CUDA version torch was built with) from torch/version.py, without importing torch."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        return None, None
-    path = Path(list(spec.submodule_search_locations)[0]) / "version.py"
-    values: dict[str, str | None] = {}
-    try:
-        tree = ast.parse(path.read_text())
-    except (OSError, SyntaxError, ValueError):
-        return None, None
-    for node in tree.body:
-        target = value = None
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign):
-            target, value = node.target, node.value
-        if isinstance(target, ast.Name) and isinstance(value, ast.Constant):
-            values[target.id] = None if value.value is None else str(value.value)
-    return values.get("__version__"), values.get("cuda")
+    """(torch version, CUDA version torch was built with), without importing torch."""
+    from aitrain.fabric.probe.system import _torch_build_constant
+
+    return _torch_build_constant("__version__"), _torch_build_constant("cuda")
 
 
 @functools.cache
