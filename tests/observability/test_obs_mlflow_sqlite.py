@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,24 @@ def _schema(db: Path) -> list[list[str]]:
     return sorted(sorted(line.strip().rstrip(",") for line in stmt.split("\n")) for stmt in mlflow_schema.dump(db))
 
 
-def mlflow_store(d: Path) -> MlflowStore:
-    d.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    store = MlflowStore(uri)
-    store.search_experiments(max_results=1)  # MLflow makes its store
-    return store
+@pytest.fixture(scope="module")
+def mlflow_made(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty store as MLflow makes it (seconds: made once, copied per test)."""
+    db = tmp_path_factory.mktemp("mlflow-made") / "mlflow.db"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
+@pytest.fixture
+def mlflow_store(mlflow_made: Path) -> Callable[[Path], MlflowStore]:
+    def make(d: Path) -> MlflowStore:
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mlflow_made, d / "mlflow.db")
+        return MlflowStore(f"sqlite:///{d / 'mlflow.db'}")
+
+    return make
 
 
 def our_store(d: Path) -> SqliteStore:
@@ -46,12 +60,11 @@ def our_store(d: Path) -> SqliteStore:
     return store
 
 
-def test_the_snapshot_is_the_installed_mlflows_empty_store(tmp_path: Path) -> None:
+def test_the_snapshot_is_the_installed_mlflows_empty_store(tmp_path: Path, mlflow_made: Path) -> None:
     assert mlflow_sqlite.snapshot_version() == mlflow_sqlite.installed_mlflow(), \
         "launcher/mlflow_schema.sql is from another MLflow: run scripts/mlflow_schema.py"
-    theirs = mlflow_store(tmp_path / "theirs")
     ours = our_store(tmp_path / "ours")
-    assert _schema(ours.path) == _schema(Path(theirs.uri[len("sqlite:///"):]))
+    assert _schema(ours.path) == _schema(mlflow_made)
     default = sqlite3.connect(ours.path).execute(
         "SELECT experiment_id, name, lifecycle_stage FROM experiments").fetchall()
     assert default == [(0, "Default", "active")]
@@ -114,7 +127,7 @@ def read_back(client: Any, run_id: str, root: Path) -> dict[str, Any]:
             "history": {k: history(k) for k in sorted(run.data.metrics)}, "files": sorted(files())}
 
 
-def test_the_same_run_written_here_and_by_mlflow_reads_back_the_same(tmp_path: Path) -> None:
+def test_the_same_run_written_here_and_by_mlflow_reads_back_the_same(tmp_path: Path, mlflow_store: Any) -> None:
     from mlflow.tracking import MlflowClient
 
     theirs = mlflow_store(tmp_path / "theirs")
@@ -130,7 +143,7 @@ def test_the_same_run_written_here_and_by_mlflow_reads_back_the_same(tmp_path: P
     assert b["history"]["nan"] == [("nan", 1, 1_700_000_001_000)]
 
 
-def test_refusals_are_mlflows(tmp_path: Path) -> None:
+def test_refusals_are_mlflows(tmp_path: Path, mlflow_store: Any) -> None:
     from mlflow.exceptions import MlflowException
 
     stores = ((mlflow_store(tmp_path / "theirs"), MlflowException), (our_store(tmp_path / "ours"), StoreError))
