@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import AitrainError, ConfigError
-from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, register_configs, to_job_config, validate_overrides
+from aitrain.launcher.config import (
+    CONFIG_MODULE,
+    DEFAULT_GROUPS,
+    FREE_FORM,
+    register_configs,
+    to_job_config,
+    validate_overrides,
+)
 from aitrain.launcher.redact import redact_text
 
 if TYPE_CHECKING:
@@ -36,7 +43,6 @@ if TYPE_CHECKING:
 
 _ADD_GROUP = re.compile(r"^\+({})=".format("|".join(DEFAULT_GROUPS)))
 _FREE_FORM_KEY = re.compile(r"^({})\.[^=]+=".format("|".join(re.escape(p) for p in FREE_FORM)))
-CONFIG_MODULE = "aitrain.configs"
 
 _options = {"json": False}  # `--json`: the launch's result as one JSON object (last line of stdout)
 
@@ -104,8 +110,8 @@ def _run_launch(argv: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     ns = get_args_parser().parse_args(argv)
-    if not (ns.help or ns.hydra_help):
-        validate_overrides(list(ns.overrides))
+    if not (ns.help or ns.hydra_help or ns.shell_completion):
+        validate_overrides(list(ns.overrides), config_dir=ns.config_dir, config_name=ns.config_name)
     register_configs()
     if ns.help and not (ns.hydra_help or ns.config_path or ns.config_name or ns.config_dir or ns.multirun):
         print(app_help(list(ns.overrides)), end="")
@@ -240,6 +246,13 @@ def usage_error(e: BaseException) -> AitrainError:
     if cause is not None and str(cause).strip() and not any(str(cause).strip().splitlines()[0] in x for x in lines):
         lines.append(str(cause).strip().splitlines()[0])
     text = "; ".join(lines[:3]) or type(e).__name__
+    unknown = re.search(r"In '([^']+)': ConfigKeyError.*Key '[^']+' not in '(\w+)'.*full_key: (\S+)", text)
+    if unknown:  # a user's config file (an `@package _global_` experiment) sets a key the schema lacks
+        where, schema, key = unknown.groups()
+        return ConfigError(f"cannot compose the job: '{where}' sets '{key}', which is not a key of {schema}: "
+                           "the config schema is closed (every key is typed in JobConfig)",
+                           f"remove '{key}' from {where}.yaml or fix its spelling (`aitrain launch --cfg job` "
+                           f"prints every key); free-form keys go under {', '.join(FREE_FORM)}")
     return ConfigError(f"cannot compose the job: {text}",
                        "`aitrain launch --help` lists the groups, their options and every key with its type")
 
