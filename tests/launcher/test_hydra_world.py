@@ -12,6 +12,7 @@ import pytest
 
 from aitrain.errors import ConfigError
 from aitrain.launcher.config import hydra_groups, validate_overrides
+
 from aitrain_testing import run_aitrain
 
 FAST = """# @package _global_
