@@ -110,7 +110,9 @@ def _run_launch(argv: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     ns = get_args_parser().parse_args(argv)
-    if not (ns.help or ns.hydra_help or ns.shell_completion):
+    if ns.shell_completion:
+        return _shell_completion(ns)
+    if not (ns.help or ns.hydra_help):
         validate_overrides(list(ns.overrides), config_dir=ns.config_dir, config_name=ns.config_name)
     register_configs()
     if ns.help and not (ns.hydra_help or ns.config_path or ns.config_name or ns.config_dir or ns.multirun):
@@ -119,6 +121,105 @@ def _run_launch(argv: list[str]) -> int:
     if _plain(ns) and _dry_run_requested(ns.overrides):
         return _dry_run(list(ns.overrides), multirun=bool(ns.multirun))
     _hydra_main(argv)
+    return 0
+
+
+# `aitrain launch -sc install=bash|zsh|fish`: Hydra's completion scripts, calling back
+# `aitrain launch -sc query=SHELL` (Hydra's own would call back `aitrain -sc ...`, which is not
+# the launch command, and register themselves for a program named after sys.argv[0]). zsh runs
+# the bash script through bashcompinit, as Hydra's zsh plugin does.
+_BASH_SCRIPT = """_aitrain_completion()
+{
+    local words=($COMP_LINE)
+    local word=${words[$COMP_CWORD]}
+    if (( COMP_CWORD == 1 )); then
+        COMPREPLY=($(compgen -W "%(commands)s" -- "$word"))
+        return
+    fi
+    if [ "${words[1]}" != "launch" ]; then
+        COMPREPLY=()
+        return
+    fi
+    local choices
+    choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE ${words[0]} launch -sc query=bash 2>/dev/null)
+    if [ "$HYDRA_COMP_DEBUG" == "1" ]; then
+        printf "\\nCOMP_LINE='$COMP_LINE'\\nWord='$word'\\nOutput suggestions:\\n"
+        printf "\\t%%s\\n" ${choices[@]}
+    fi
+    COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$word"))
+}
+
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _aitrain_completion aitrain
+"""
+_ZSH_PREAMBLE = """(( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+autoload -U +X bashcompinit && bashcompinit
+"""
+_FISH_SCRIPT = """function _aitrain_completion
+    set -lx COMP_LINE (commandline -cp)
+    set -l parts (commandline -cpo)
+    $parts[1] launch -sc query=fish 2>/dev/null
+end
+complete -c aitrain -e
+complete -c aitrain -n __fish_use_subcommand -x -a '%(commands)s'
+complete -c aitrain -n '__fish_seen_subcommand_from launch' -x -a '(_aitrain_completion)'
+"""
+_UNINSTALL = {"bash": "complete -r aitrain 2>/dev/null\nunset -f _aitrain_completion",
+              "fish": "complete -c aitrain -e\nfunctions -e _aitrain_completion"}
+_UNINSTALL["zsh"] = _UNINSTALL["bash"]
+
+
+def _shell_completion(ns: Any) -> int:
+    """``-sc install=SHELL`` / ``uninstall=SHELL`` print a script; ``-sc query=SHELL`` answers the
+    installed script with Hydra's own completion plugin, for the line after ``aitrain launch``."""
+    from aitrain.launcher.cli import SUBCOMMANDS
+
+    command = dict(o.partition("=")[::2] for o in ns.overrides if "=" in o)
+    for action in ("install", "uninstall", "query"):
+        shell = command.get(action)
+        if shell is None:
+            continue
+        if shell not in _UNINSTALL:
+            raise ConfigError(f"no shell completion for '{shell}' (aitrain completes in bash, zsh and fish)",
+                              'eval "$(aitrain launch -sc install=bash)"')
+        commands = " ".join(SUBCOMMANDS)
+        if action == "install" and shell == "fish":
+            print(_FISH_SCRIPT % {"commands": commands}, end="")
+        elif action == "install":
+            print((_ZSH_PREAMBLE if shell == "zsh" else "") + _BASH_SCRIPT % {"commands": commands}, end="")
+        elif action == "uninstall":
+            print(_UNINSTALL[shell])
+        else:
+            return _completion_query(shell)
+        return 0
+    raise ConfigError(f"-sc/--shell-completion expects install=SHELL, uninstall=SHELL or query=SHELL, "
+                      f"got {' '.join(ns.overrides) or 'nothing'}", 'eval "$(aitrain launch -sc install=bash)"')
+
+
+def _completion_query(shell: str) -> int:
+    """Hydra's answer for ``COMP_LINE`` (``aitrain launch [ARGS] WORD``): the line without
+    ``launch``, aitrain's ``+strategy=``-style overrides rewritten as for a launch, and Hydra
+    run with the line's ``--config-dir``/``--config-name`` so the user's groups complete too."""
+    from hydra._internal.utils import get_args_parser
+
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    current = "" if not words or line[-1:].isspace() else words.pop()  # the word being completed
+    typed = words[2:]  # after `aitrain launch`
+    if "--" in typed:  # the user's program and its arguments: nothing of Hydra's
+        return 0
+    os.environ["COMP_LINE"] = " ".join(["aitrain", *normalize_overrides(typed), current])
+    hydra_args = ["-sc", f"query={shell}"]
+    try:
+        line_ns = get_args_parser().parse_args(typed)
+        if line_ns.config_dir:
+            hydra_args = ["--config-dir", line_ns.config_dir, *hydra_args]
+        if line_ns.config_name:
+            hydra_args = ["--config-name", line_ns.config_name, *hydra_args]
+    except SystemExit:  # not yet a valid command line: complete against aitrain's configs
+        pass
+    register_configs()
+    _hydra_main(hydra_args)
     return 0
 
 
