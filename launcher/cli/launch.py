@@ -113,6 +113,7 @@ def _run_launch(argv: list[str]) -> int:
     if ns.shell_completion:
         return _shell_completion(ns)
     if not (ns.help or ns.hydra_help):
+        _check_modes(ns)
         validate_overrides(list(ns.overrides), config_dir=ns.config_dir, config_name=ns.config_name)
     register_configs()
     if ns.help and not (ns.hydra_help or ns.config_path or ns.config_name or ns.config_dir or ns.multirun):
@@ -120,8 +121,47 @@ def _run_launch(argv: list[str]) -> int:
         return 0
     if _plain(ns) and _dry_run_requested(ns.overrides):
         return _dry_run(list(ns.overrides), multirun=bool(ns.multirun))
-    _hydra_main(argv)
+    with _resolving_before_sanitizing(bool(ns.cfg and ns.resolve)):
+        _hydra_main(argv)
     return 0
+
+
+def _check_modes(ns: Any) -> None:
+    """Hydra's own checks of its flags, which it raises outside its error report (a traceback)."""
+    if ns.resolve and ns.cfg is None:
+        raise ConfigError("--resolve works only with --cfg or --help", "aitrain launch --cfg job --resolve")
+    modes = [flag for flag, on in (("--run", ns.run), ("--multirun", ns.multirun), ("--cfg", ns.cfg is not None),
+                                   ("--info", ns.info is not None)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"only one of --run, --multirun, --cfg, --info and --shell-completion can be given, "
+                          f"got {' and '.join(modes)}",
+                          "--cfg job prints one job's config; `aitrain launch -m ... dry_run=true` prints each "
+                          "job of a sweep")
+
+
+@contextmanager
+def _resolving_before_sanitizing(on: bool) -> Iterator[None]:
+    """``--cfg hydra --resolve``: resolve the whole config before Hydra strips the job's keys from
+    it; aitrain's ``hydra.run.dir`` is ``${run_root}/...``, which plain Hydra would then fail to
+    resolve (InterpolationKeyError on ``run_root``). ``--cfg job|all`` print the same either way."""
+    if not on:
+        yield
+        return
+    from hydra._internal.hydra import Hydra
+    from omegaconf import OmegaConf, flag_override
+
+    sanitize = Hydra.get_sanitized_cfg
+
+    def resolved_then_sanitized(self: Any, cfg: Any, cfg_type: str) -> Any:
+        with flag_override(cfg, ["struct", "readonly"], [False, False]):
+            OmegaConf.resolve(cfg)
+        return sanitize(self, cfg, cfg_type)
+
+    Hydra.get_sanitized_cfg = resolved_then_sanitized  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.get_sanitized_cfg = sanitize  # type: ignore[method-assign]
 
 
 # `aitrain launch -sc install=bash|zsh|fish`: Hydra's completion scripts, calling back
