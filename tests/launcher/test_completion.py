@@ -109,17 +109,18 @@ tab "aitrain launch dry_run=true train." 3
 def test_zsh_completes_on_tab(tmp_path: Path) -> None:
     # zsh completes only in an interactive line editor: a real zsh in tmux, a real Tab.
     session = f"aitrain-zsh-{uuid.uuid4().hex[:8]}"
+    tmux = ["tmux", "-L", session]  # a server of its own: nobody else's sessions are touched
     (tmp_path / "home").mkdir()
     env = _env()
     env["HOME"] = str(tmp_path / "home")
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "20", "zsh -f"],
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "200", "-y", "20", "zsh -f"],
                    cwd=tmp_path, env=env, check=True)
     try:
         def keys(*k: str) -> None:
-            subprocess.run(["tmux", "send-keys", "-t", session, *k], check=True)
+            subprocess.run([*tmux, "send-keys", "-t", session, *k], check=True)
 
         def screen() -> str:
-            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+            return subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True,
                                   text=True, check=True).stdout
 
         keys('eval "$(aitrain launch -sc install=zsh)" && clear', "Enter")
@@ -138,7 +139,7 @@ def test_zsh_completes_on_tab(tmp_path: Path) -> None:
         text = wait_for("strategy=fsdp_tp_pp")
         assert "strategy=fsdp_tp " in text and "strategy=fsdp_tp_pp" in text, text
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="needs fish")

@@ -118,6 +118,9 @@ def test_unknown_option_of_a_users_group_is_hydras_list(conf: Path, tmp_path: Pa
     assert first.startswith("aitrain: error: ") and "Could not find 'experiment/fsat'" in first
     assert "Available options in 'experiment': bad, fast" in first and hint.startswith("HINT: ")
     assert not (tmp_path / "outputs").exists()  # nothing started, no run dir
+    r = run_aitrain(["launch", "hydra/launcher=nope", "train.steps=1"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Could not find 'hydra/launcher/nope'" in r.stderr and "Available options in 'hydra/launcher'" in r.stderr
 
 
 def test_experiment_setting_a_key_the_schema_lacks_names_file_and_key(conf: Path, tmp_path: Path) -> None:
