@@ -390,10 +390,13 @@ def usage_error(e: BaseException) -> AitrainError:
     unknown = re.search(r"In '([^']+)': ConfigKeyError.*Key '[^']+' not in '(\w+)'.*full_key: (\S+)", text)
     if unknown:  # a user's config file (an `@package _global_` experiment) sets a key the schema lacks
         where, schema, key = unknown.groups()
+        package = (f"a file in {where.split('/')[0]}/ sets keys under '{key}' unless its first line is "
+                   "`# @package _global_`; " if key == where.split("/")[0] else "")
         return ConfigError(f"cannot compose the job: '{where}' sets '{key}', which is not a key of {schema}: "
                            "the config schema is closed (every key is typed in JobConfig)",
-                           f"remove '{key}' from {where}.yaml or fix its spelling (`aitrain launch --cfg job` "
-                           f"prints every key); free-form keys go under {', '.join(FREE_FORM)}")
+                           f"{package}remove '{key}' from {where}.yaml or fix its spelling (`aitrain launch --cfg "
+                           f"job` prints every key); free-form keys go under {', '.join(FREE_FORM)}")
+    text = re.sub(r"\w+ raised while composing config:;? ?", "", text)
     return ConfigError(f"cannot compose the job: {text}",
                        "`aitrain launch --help` lists the groups, their options and every key with its type")
 

@@ -130,6 +130,18 @@ def test_experiment_setting_a_key_the_schema_lacks_names_file_and_key(conf: Path
     assert "fabric.env" in r.stderr  # where free-form keys go
 
 
+def test_own_group_without_global_package_says_so(conf: Path, tmp_path: Path) -> None:
+    (conf / "db").mkdir()
+    (conf / "db" / "mysql.yaml").write_text("host: localhost\n")
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\ntrain:\n  lr: fast\n")
+    r = run_aitrain(["launch", "-cd", str(conf), "+db=mysql", "dry_run=true"], tmp_path)
+    assert r.returncode == 2 and "'db/mysql' sets 'db', which is not a key of JobConfig" in r.stderr
+    assert "unless its first line is `# @package _global_`" in r.stderr
+    r = run_aitrain(["launch", "-cd", str(conf), "+experiment=typo", "--cfg", "job"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "In 'experiment/typo': Value 'fast' of type 'str' could not be converted to Float" in r.stderr
+
+
 def test_group_without_its_config_dir_is_an_error_naming_groups_and_keys(tmp_path: Path) -> None:
     r = run_aitrain(["launch", "+experiment=fast", "train.steps=1"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
