@@ -166,8 +166,7 @@ def _resolving_before_sanitizing(on: bool) -> Iterator[None]:
 
 # `aitrain launch -sc install=bash|zsh|fish`: Hydra's completion scripts, calling back
 # `aitrain launch -sc query=SHELL` (Hydra's own would call back `aitrain -sc ...`, which is not
-# the launch command, and register themselves for a program named after sys.argv[0]). zsh runs
-# the bash script through bashcompinit, as Hydra's zsh plugin does.
+# the launch command, and register themselves for a program named after sys.argv[0]).
 _BASH_SCRIPT = """_aitrain_completion()
 {
     local words=($COMP_LINE)
@@ -192,8 +191,11 @@ _BASH_SCRIPT = """_aitrain_completion()
 COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
 complete -o nospace -o default -F _aitrain_completion aitrain
 """
-_ZSH_PREAMBLE = """(( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
-autoload -U +X bashcompinit && bashcompinit
+# zsh: the bash script through bashcompinit (so --hydra-help's `install=bash` line works there too).
+_ZSH_PREAMBLE = """if [ -n "${ZSH_VERSION:-}" ]; then
+    (( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+    autoload -U +X bashcompinit && bashcompinit
+fi
 """
 _FISH_SCRIPT = """function _aitrain_completion
     set -lx COMP_LINE (commandline -cp)
@@ -226,7 +228,7 @@ def _shell_completion(ns: Any) -> int:
         if action == "install" and shell == "fish":
             print(_FISH_SCRIPT % {"commands": commands}, end="")
         elif action == "install":
-            print((_ZSH_PREAMBLE if shell == "zsh" else "") + _BASH_SCRIPT % {"commands": commands}, end="")
+            print(_ZSH_PREAMBLE + _BASH_SCRIPT % {"commands": commands}, end="")
         elif action == "uninstall":
             print(_UNINSTALL[shell])
         else:
