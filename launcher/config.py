@@ -257,6 +257,9 @@ class RayBackendConfig:
 BACKEND_SCHEMAS: dict[str, type] = {"local": LocalBackendConfig, "slurm": SlurmBackendConfig,
                                     "ray": RayBackendConfig}
 
+# The package of aitrain's own Hydra configs (configs/ in the source tree).
+CONFIG_MODULE = "aitrain.configs"
+
 # Keys under these paths are free-form (maps of user values).
 FREE_FORM = ("fabric.env", "backend.resources_per_worker", "backend.runtime_env")
 
@@ -349,10 +352,36 @@ def check_key(key: str, backend: str = "local") -> None:
             )
 
 
-def validate_overrides(overrides: list[str]) -> None:
-    """Check the keys of Hydra overrides against the schema (before composition).
+def _closed_schema_error(key: str, e: ConfigError, *, added: bool, groups: dict[str, list[str]]) -> ConfigError:
+    """A name that is neither in the schema nor a config group Hydra sees: the schema's error,
+    saying that the schema is closed (`+key=`) and, for a top-level name, which groups there are."""
+    free_form = (f"free-form keys go under {', '.join(FREE_FORM)} (e.g. +fabric.env.MY_VAR=1); "
+                 "your own program's options go after `--` (aitrain launch -- train.py --my-option 1)")
+    user = sorted(g for g in groups if not g.startswith("hydra"))
+    if "." not in key and added:  # +experiment=fast: a group the user meant to bring, or a new key
+        close = difflib.get_close_matches(key, user + sorted(_field_types(JobConfig)), n=1)
+        return ConfigError(
+            f"'{key}' is neither a config group nor a config key. Config groups: {', '.join(user)}. "
+            f"Keys: {', '.join(sorted(_field_types(JobConfig)))}.",
+            (f"did you mean '{close[0]}'? " if close else "")
+            + f"your own groups (e.g. {key}/NAME.yaml) come from --config-dir/-cd DIR or "
+            f"hydra.searchpath=[file://DIR]; the config schema is closed: {free_form}")
+    if "." not in key:
+        return ConfigError(f"{e.message} Config groups: {', '.join(user)}.", e.hint)
+    if added:
+        return ConfigError(f"cannot add '{key}': the config schema is closed (every key is typed in JobConfig). "
+                           f"{e.message}", free_form)
+    return e
 
-    Group selections (`strategy=fsdp`) are left to Hydra, which lists the options.
+
+def validate_overrides(overrides: list[str], *, config_dir: str | None = None,
+                       config_name: str | None = None) -> None:
+    """Check the keys of Hydra overrides against the schema (before composition), so a typo
+    fails before anything starts.
+
+    Group selections (`strategy=fsdp`, `hydra/launcher=joblib`, `+experiment=fast` from the
+    user's `--config-dir`) are left to Hydra, which lists a group's options; a name that is
+    neither a key nor a group Hydra sees (:func:`hydra_groups`) is an error listing both.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -367,11 +396,88 @@ def validate_overrides(overrides: list[str]) -> None:
             value = o.value()
             if isinstance(value, str):
                 backend = value
+    groups: dict[str, list[str]] | None = None
+
+    def known_groups() -> dict[str, list[str]]:  # asked of Hydra only when the schema does not know a name
+        nonlocal groups
+        if groups is None:
+            searchpath = [o.input_line for o in parsed if o.get_key_element() == "hydra.searchpath"]
+            groups = hydra_groups(config_dir=config_dir, config_name=config_name,
+                                  overrides=[s for s in searchpath if s is not None])
+        return groups
+
     for o in parsed:
         key = o.key_or_group
         if key in DEFAULT_GROUPS or key.split("/")[0] in DEFAULT_GROUPS and "/" in key:
             continue
-        check_key(key, backend)
+        if "/" in key:  # only a group can be named with a slash
+            if key.strip("/") not in known_groups():
+                raise _unknown_group(key, known_groups())
+            continue
+        try:
+            check_key(key, backend)
+        except ConfigError as e:
+            if key in known_groups():  # the user's own group: +experiment=fast
+                continue
+            raise _closed_schema_error(key, e, added=o.is_add() or o.is_force_add(), groups=known_groups()) from None
+
+
+def _unknown_group(group: str, groups: dict[str, list[str]]) -> ConfigError:
+    valid = sorted(groups)
+    close = difflib.get_close_matches(group, valid, n=1)
+    return ConfigError(
+        f"unknown config group '{group}'. Config groups: {', '.join(valid)}.",
+        (f"did you mean '{close[0]}'? " if close else "")
+        + "your own groups come from --config-dir/-cd DIR or hydra.searchpath=[...]; "
+        "Hydra's launcher and sweeper plugins from installed hydra_plugins packages")
+
+
+def hydra_search_path(config_dir: str | None = None) -> Any:
+    """The config search path `aitrain launch` gives Hydra: Hydra's own configs, aitrain's,
+    the installed hydra_plugins' SearchPathPlugins, `--config-dir` (as Hydra adds it) and the
+    ConfigStore (aitrain's schemas, and every installed plugin's configs once Hydra has
+    scanned hydra_plugins)."""
+    import os
+
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+
+    register_configs()
+    search_path = create_config_search_path(f"pkg://{CONFIG_MODULE}")
+    if config_dir is not None:
+        path = os.path.abspath(config_dir)
+        if not os.path.isdir(path):
+            raise ConfigError(f"--config-dir {config_dir}: no such directory ({path})",
+                              "give --config-dir/-cd a directory of your own config groups")
+        search_path.prepend(provider="command-line", path=f"file://{path}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return search_path
+
+
+def hydra_groups(*, config_dir: str | None = None, config_name: str | None = None,
+                 overrides: list[str] | None = None) -> dict[str, list[str]]:
+    """Every config group Hydra sees for this launch -> its options, as Hydra's own config
+    loader lists them (`hydra.searchpath` from the primary config or `overrides` included)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.object_type import ObjectType
+
+    loader = ConfigLoaderImpl(config_search_path=hydra_search_path(config_dir))
+    try:
+        # The repository Hydra composes from, hydra.searchpath applied (hydra-core 1.3's own step;
+        # its public get_group_options does the same but rebuilds the repository on every call).
+        _, repo = loader._parse_overrides_and_create_caching_repo(config_name or "config", overrides or [])
+        groups: dict[str, list[str]] = {}
+        parents = [""]
+        while parents:
+            parent = parents.pop()
+            for child in repo.get_group_options(parent, ObjectType.GROUP):
+                group = f"{parent}/{child}" if parent else child
+                groups[group] = repo.get_group_options(group, ObjectType.CONFIG)
+                parents.append(group)
+    except Exception as e:  # a bad hydra.searchpath, an unreadable config dir ...
+        raise ConfigError(f"cannot list the config groups: {e}",
+                          "hydra.searchpath=[...] takes a list of file:// or pkg:// paths") from e
+    return groups
 
 
 def to_job_config(cfg: Any) -> JobConfig:

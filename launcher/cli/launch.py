@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import AitrainError, ConfigError
-from aitrain.launcher.config import DEFAULT_GROUPS, FREE_FORM, register_configs, to_job_config, validate_overrides
+from aitrain.launcher.config import (
+    CONFIG_MODULE,
+    DEFAULT_GROUPS,
+    FREE_FORM,
+    register_configs,
+    to_job_config,
+    validate_overrides,
+)
 from aitrain.launcher.redact import redact_text
 
 if TYPE_CHECKING:
@@ -36,7 +43,6 @@ if TYPE_CHECKING:
 
 _ADD_GROUP = re.compile(r"^\+({})=".format("|".join(DEFAULT_GROUPS)))
 _FREE_FORM_KEY = re.compile(r"^({})\.[^=]+=".format("|".join(re.escape(p) for p in FREE_FORM)))
-CONFIG_MODULE = "aitrain.configs"
 
 _options = {"json": False}  # `--json`: the launch's result as one JSON object (last line of stdout)
 
@@ -104,15 +110,158 @@ def _run_launch(argv: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     ns = get_args_parser().parse_args(argv)
+    if ns.shell_completion:
+        return _shell_completion(ns)
     if not (ns.help or ns.hydra_help):
-        validate_overrides(list(ns.overrides))
+        _check_modes(ns)
+        validate_overrides(list(ns.overrides), config_dir=ns.config_dir, config_name=ns.config_name)
     register_configs()
     if ns.help and not (ns.hydra_help or ns.config_path or ns.config_name or ns.config_dir or ns.multirun):
         print(app_help(list(ns.overrides)), end="")
         return 0
     if _plain(ns) and _dry_run_requested(ns.overrides):
         return _dry_run(list(ns.overrides), multirun=bool(ns.multirun))
-    _hydra_main(argv)
+    with _resolving_before_sanitizing(bool(ns.cfg and ns.resolve)):
+        _hydra_main(argv)
+    return 0
+
+
+def _check_modes(ns: Any) -> None:
+    """Hydra's own checks of its flags, which it raises outside its error report (a traceback)."""
+    if ns.resolve and ns.cfg is None:
+        raise ConfigError("--resolve works only with --cfg or --help", "aitrain launch --cfg job --resolve")
+    modes = [flag for flag, on in (("--run", ns.run), ("--multirun", ns.multirun), ("--cfg", ns.cfg is not None),
+                                   ("--info", ns.info is not None)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"only one of --run, --multirun, --cfg, --info and --shell-completion can be given, "
+                          f"got {' and '.join(modes)}",
+                          "--cfg job prints one job's config; `aitrain launch -m ... dry_run=true` prints each "
+                          "job of a sweep")
+
+
+@contextmanager
+def _resolving_before_sanitizing(on: bool) -> Iterator[None]:
+    """``--cfg hydra --resolve``: resolve the whole config before Hydra strips the job's keys from
+    it; aitrain's ``hydra.run.dir`` is ``${run_root}/...``, which plain Hydra would then fail to
+    resolve (InterpolationKeyError on ``run_root``). ``--cfg job|all`` print the same either way."""
+    if not on:
+        yield
+        return
+    from hydra._internal.hydra import Hydra
+    from omegaconf import OmegaConf, flag_override
+
+    sanitize = Hydra.get_sanitized_cfg
+
+    def resolved_then_sanitized(self: Any, cfg: Any, cfg_type: str) -> Any:
+        with flag_override(cfg, ["struct", "readonly"], [False, False]):
+            OmegaConf.resolve(cfg)
+        return sanitize(self, cfg, cfg_type)
+
+    Hydra.get_sanitized_cfg = resolved_then_sanitized  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Hydra.get_sanitized_cfg = sanitize  # type: ignore[method-assign]
+
+
+# `aitrain launch -sc install=bash|zsh|fish`: Hydra's completion scripts, calling back
+# `aitrain launch -sc query=SHELL` (Hydra's own would call back `aitrain -sc ...`, which is not
+# the launch command, and register themselves for a program named after sys.argv[0]).
+_BASH_SCRIPT = """_aitrain_completion()
+{
+    local words=($COMP_LINE)
+    local word=${words[$COMP_CWORD]}
+    if (( COMP_CWORD == 1 )); then
+        COMPREPLY=($(compgen -W "%(commands)s" -- "$word"))
+        return
+    fi
+    if [ "${words[1]}" != "launch" ]; then
+        COMPREPLY=()
+        return
+    fi
+    local choices
+    choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE ${words[0]} launch -sc query=bash 2>/dev/null)
+    if [ "$HYDRA_COMP_DEBUG" == "1" ]; then
+        printf "\\nCOMP_LINE='$COMP_LINE'\\nWord='$word'\\nOutput suggestions:\\n"
+        printf "\\t%%s\\n" ${choices[@]}
+    fi
+    COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "$word"))
+}
+
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o nospace -o default -F _aitrain_completion aitrain
+"""
+# zsh: the bash script through bashcompinit (so --hydra-help's `install=bash` line works there too).
+_ZSH_PREAMBLE = """if [ -n "${ZSH_VERSION:-}" ]; then
+    (( $+functions[compdef] )) || { autoload -U +X compinit && compinit; }
+    autoload -U +X bashcompinit && bashcompinit
+fi
+"""
+_FISH_SCRIPT = """function _aitrain_completion
+    set -lx COMP_LINE (commandline -cp)
+    set -l parts (commandline -cpo)
+    $parts[1] launch -sc query=fish 2>/dev/null
+end
+complete -c aitrain -e
+complete -c aitrain -n __fish_use_subcommand -x -a '%(commands)s'
+complete -c aitrain -n '__fish_seen_subcommand_from launch' -x -a '(_aitrain_completion)'
+"""
+_UNINSTALL = {"bash": "complete -r aitrain 2>/dev/null\nunset -f _aitrain_completion",
+              "fish": "complete -c aitrain -e\nfunctions -e _aitrain_completion"}
+_UNINSTALL["zsh"] = _UNINSTALL["bash"]
+
+
+def _shell_completion(ns: Any) -> int:
+    """``-sc install=SHELL`` / ``uninstall=SHELL`` print a script; ``-sc query=SHELL`` answers the
+    installed script with Hydra's own completion plugin, for the line after ``aitrain launch``."""
+    from aitrain.launcher.cli import SUBCOMMANDS
+
+    command = dict(o.partition("=")[::2] for o in ns.overrides if "=" in o)
+    for action in ("install", "uninstall", "query"):
+        shell = command.get(action)
+        if shell is None:
+            continue
+        if shell not in _UNINSTALL:
+            raise ConfigError(f"no shell completion for '{shell}' (aitrain completes in bash, zsh and fish)",
+                              'eval "$(aitrain launch -sc install=bash)"')
+        commands = " ".join(SUBCOMMANDS)
+        if action == "install" and shell == "fish":
+            print(_FISH_SCRIPT % {"commands": commands}, end="")
+        elif action == "install":
+            print(_ZSH_PREAMBLE + _BASH_SCRIPT % {"commands": commands}, end="")
+        elif action == "uninstall":
+            print(_UNINSTALL[shell])
+        else:
+            return _completion_query(shell)
+        return 0
+    raise ConfigError(f"-sc/--shell-completion expects install=SHELL, uninstall=SHELL or query=SHELL, "
+                      f"got {' '.join(ns.overrides) or 'nothing'}", 'eval "$(aitrain launch -sc install=bash)"')
+
+
+def _completion_query(shell: str) -> int:
+    """Hydra's answer for ``COMP_LINE`` (``aitrain launch [ARGS] WORD``): the line without
+    ``launch``, aitrain's ``+strategy=``-style overrides rewritten as for a launch, and Hydra
+    run with the line's ``--config-dir``/``--config-name`` so the user's groups complete too."""
+    from hydra._internal.utils import get_args_parser
+
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    current = "" if not words or line[-1:].isspace() else words.pop()  # the word being completed
+    typed = words[2:]  # after `aitrain launch`
+    if "--" in typed:  # the user's program and its arguments: nothing of Hydra's
+        return 0
+    os.environ["COMP_LINE"] = " ".join(["aitrain", *normalize_overrides(typed), current])
+    hydra_args = ["-sc", f"query={shell}"]
+    try:
+        line_ns = get_args_parser().parse_args(typed)
+        if line_ns.config_dir:
+            hydra_args = ["--config-dir", line_ns.config_dir, *hydra_args]
+        if line_ns.config_name:
+            hydra_args = ["--config-name", line_ns.config_name, *hydra_args]
+    except SystemExit:  # not yet a valid command line: complete against aitrain's configs
+        pass
+    register_configs()
+    _hydra_main(hydra_args)
     return 0
 
 
@@ -240,6 +389,16 @@ def usage_error(e: BaseException) -> AitrainError:
     if cause is not None and str(cause).strip() and not any(str(cause).strip().splitlines()[0] in x for x in lines):
         lines.append(str(cause).strip().splitlines()[0])
     text = "; ".join(lines[:3]) or type(e).__name__
+    unknown = re.search(r"In '([^']+)': ConfigKeyError.*Key '[^']+' not in '(\w+)'.*full_key: (\S+)", text)
+    if unknown:  # a user's config file (an `@package _global_` experiment) sets a key the schema lacks
+        where, schema, key = unknown.groups()
+        package = (f"a file in {where.split('/')[0]}/ sets keys under '{key}' unless its first line is "
+                   "`# @package _global_`; " if key == where.split("/")[0] else "")
+        return ConfigError(f"cannot compose the job: '{where}' sets '{key}', which is not a key of {schema}: "
+                           "the config schema is closed (every key is typed in JobConfig)",
+                           f"{package}remove '{key}' from {where}.yaml or fix its spelling (`aitrain launch --cfg "
+                           f"job` prints every key); free-form keys go under {', '.join(FREE_FORM)}")
+    text = re.sub(r"\w+ raised while composing config:;? ?", "", text)
     return ConfigError(f"cannot compose the job: {text}",
                        "`aitrain launch --help` lists the groups, their options and every key with its type")
 
