@@ -118,11 +118,22 @@ class _Started:
         self.t0 = time.monotonic()
 
 
+def _direct_env(req: AgentRequest) -> dict[str, str]:
+    """What torchrun's agent gives the one rank of a node, for a rank started without it."""
+    return {**os.environ, **req.env, "RANK": str(req.node_rank), "GROUP_RANK": str(req.node_rank),
+            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": str(req.nnodes),
+            "MASTER_ADDR": req.master_addr, "MASTER_PORT": str(req.master_port)}
+
+
 def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeout: float,
            run_dir: Path, master_port: int | None, env: dict[str, str] | None,
-           rdzv_timeout: float | None = None) -> _Started:
+           rdzv_timeout: float | None = None, direct: bool = False) -> _Started:
+    """One node agent per node running ``argv`` as its ranks; with ``direct`` (one rank per
+    node) ``argv`` itself per node, with the agent's rank variables: one interpreter that
+    imports torch per node instead of two (the smoke test: seconds per node on busy hosts)."""
     if not nodes:
         raise FabricError("no nodes to run on", "pass at least one node")
+    direct = direct and nproc_per_node == 1
     master = nodes[0].address or "127.0.0.1"
     port = master_port or random_port()
     run_id = f"aitrain-{uuid.uuid4().hex[:8]}"
@@ -144,9 +155,11 @@ def _start(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int, timeo
         )
         req_file = node_dir / "request.json"
         req_file.write_text(req.to_json())
+        command = [*node.prefix, *argv] if direct else \
+            [*node.prefix, sys.executable, "-m", "aitrain.launcher.agent", str(req_file)]
         with open(node_dir / "agent.log", "wb") as log:
             procs.append(subprocess.Popen(
-                [*node.prefix, sys.executable, "-m", "aitrain.launcher.agent", str(req_file)],
+                command, env=_direct_env(req) if direct else None,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=set_parent_death_signal,
             ))
@@ -178,9 +191,28 @@ def _finish(started: _Started, timed_out: bool) -> NodesRun:
                    elapsed_s=time.monotonic() - started.t0, run_dir=str(started.run_dir))
     for node, proc, req in zip(started.nodes, started.procs, started.reqs, strict=True):
         run.exit_codes[node.name] = proc.returncode
-        run.results[node.name] = AgentResult.read(Path(req.result_file))
+        run.results[node.name] = AgentResult.read(Path(req.result_file)) or _direct_result(proc.returncode, req)
     run.ok = not timed_out and all(c == 0 for c in run.exit_codes.values())
     return run
+
+
+def _direct_result(code: int | None, req: AgentRequest) -> AgentResult | None:
+    """A rank started without an agent (``direct``) leaves no result file: its exit code and
+    the last line it printed stand in for one."""
+    if code is None or code == 0:
+        return None
+    try:
+        lines = [ln.strip() for ln in (Path(req.result_file).parent / "agent.log").read_text(
+            errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    what = f"exited with code {code}"
+    if code < 0:
+        try:
+            what = f"interrupted by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return AgentResult(False, code if code > 0 else 128 - code, f"{what}: {lines[-1]}" if lines else what)
 
 
 def wait_all(groups: list[_Started], poll: float = 0.05) -> list[NodesRun]:
@@ -218,14 +250,15 @@ def run_on_nodes(nodes: Sequence[Node], argv: list[str], *, nproc_per_node: int 
 
 def run_groups(groups: Sequence[Sequence[Node]], argv: list[str], *, nproc_per_node: int = 1,
                timeout: float = 120.0, run_dir: str | os.PathLike[str],
-               env: dict[str, str] | None = None, rdzv_timeout: float | None = None) -> list[NodesRun]:
-    """Run ``argv`` over several disjoint groups at once, one job per group."""
+               env: dict[str, str] | None = None, rdzv_timeout: float | None = None,
+               direct: bool = False) -> list[NodesRun]:
+    """Run ``argv`` over several disjoint groups at once, one job per group (``direct``: see :func:`_start`)."""
     started: list[_Started] = []
     try:
         for i, group in enumerate(groups):
             started.append(_start(group, argv, nproc_per_node=nproc_per_node, timeout=timeout,
                                   run_dir=Path(run_dir) / f"group{i}", master_port=None, env=env,
-                                  rdzv_timeout=rdzv_timeout))
+                                  rdzv_timeout=rdzv_timeout, direct=direct))
         return wait_all(started)
     except BaseException:
         for s in started:
@@ -276,7 +309,7 @@ def agent_groups_runner(nodes: dict[str, Node], run_dir: Path, timeout: float,
     def run(groups: list[list[str]]) -> list[NodesRun]:
         return run_groups([[nodes[n] for n in g] for g in groups], smoke_argv(timeout),
                           nproc_per_node=nproc_per_node, timeout=timeout + SMOKE_STARTUP_S,
-                          rdzv_timeout=timeout, run_dir=run_dir / f"round{next(rounds)}")
+                          rdzv_timeout=timeout, run_dir=run_dir / f"round{next(rounds)}", direct=True)
 
     return run
 

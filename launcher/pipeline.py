@@ -100,9 +100,10 @@ class AgentNodes(NodeSet):
         from aitrain.launcher.nodes import SMOKE_STARTUP_S, run_groups, smoke_argv
 
         self._rounds = getattr(self, "_rounds", 0) + 1
+        # One smoke rank per node, started without a node agent (one torch import per node, not two).
         return run_groups([[self._node(n, env, addresses) for n in g] for g in groups], smoke_argv(timeout),
                           nproc_per_node=1, timeout=timeout + SMOKE_STARTUP_S, rdzv_timeout=timeout,
-                          run_dir=run_dir / f"round{self._rounds}")
+                          run_dir=run_dir / f"round{self._rounds}", direct=True)
 
 
 @dataclass
