@@ -10,15 +10,17 @@ as MLflow's ``LocalArtifactRepository`` does. A new store is made from
 ``mlflow_schema.sql``, a snapshot of the empty store the installed MLflow makes
 (``scripts/mlflow_schema.py``).
 
-Used only where it is known to be right: a store whose schema revision (``alembic_version``)
-is the snapshot's, and for a new store only when the installed MLflow is the snapshot's
-version. Any other store (a server, another revision, artifacts that are not local files)
-goes through ``MlflowClient`` (:func:`embedded_store` says which). tests/observability/test_obs_mlflow_sqlite.py
+Used only where it is known to be right: a store whose tables written here have exactly the
+snapshot's columns (the MLflow versions that did not migrate them), and for a new store only
+when the installed MLflow is the snapshot's version. Any other store (a server, changed
+tables, artifacts that are not local files) goes through ``MlflowClient`` (:func:`embedded_store`
+says which). tests/observability/test_obs_mlflow_sqlite.py
 writes the same run both ways and compares what ``MlflowClient`` reads back.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import os
@@ -97,11 +99,6 @@ def snapshot_version() -> str:
     return first.removeprefix("-- mlflow").strip() if first.startswith("-- mlflow") else ""
 
 
-def snapshot_revision() -> str:
-    m = re.search(r"INSERT INTO \"alembic_version\" VALUES\('([0-9a-f]+)'\)", SCHEMA_FILE.read_text())
-    return m.group(1) if m else ""
-
-
 def installed_mlflow() -> str:
     try:
         return importlib.metadata.version("mlflow")
@@ -144,28 +141,51 @@ def create_store(path: Path) -> bool:
     return True
 
 
-def store_revision(path: Path) -> str:
+# The tables this module writes; a store is written here only where each has exactly the
+# snapshot's columns (name, type, not-null, default, key): MLflow versions whose migrations
+# left them alone share it, and any change to them sends the store through MLflow.
+WRITTEN_TABLES = ("experiments", "runs", "tags", "params", "metrics", "latest_metrics")
+
+
+def _columns(con: sqlite3.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {t: [tuple(row[1:]) for row in con.execute(f'PRAGMA table_info("{t}")')] for t in WRITTEN_TABLES}
+
+
+@functools.cache
+def snapshot_columns() -> dict[str, list[tuple[Any, ...]]]:
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(SCHEMA_FILE.read_text())
+        return _columns(con)
+    finally:
+        con.close()
+
+
+def store_columns(path: Path) -> dict[str, list[tuple[Any, ...]]] | None:
     try:
         con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            return _columns(con)
         finally:
             con.close()
     except (sqlite3.Error, OSError):
-        return ""
-    return str(row[0]) if row else ""
+        return None
 
 
 def embedded_store(uri: str) -> SqliteStore | None:
-    """A :class:`SqliteStore` for an embedded store of the snapshot's schema (made here from
-    the snapshot when missing and the installed MLflow is the snapshot's); None for anything
-    else, which goes through MLflow (:class:`MlflowStore`)."""
+    """A :class:`SqliteStore` for an embedded store whose tables are the snapshot's (made here
+    from the snapshot when missing and the installed MLflow is the snapshot's); None for
+    anything else, which goes through MLflow (:class:`MlflowStore`)."""
     path = sqlite_path(uri)
     if path is None:
         return None
     if not path.exists():
         create_store(path)
-    if path.exists() and store_revision(path) == snapshot_revision():
+    try:
+        known = snapshot_columns()
+    except (OSError, sqlite3.Error):  # no snapshot (a build without it): MLflow does it all
+        return None
+    if path.exists() and store_columns(path) == known:
         return SqliteStore(path)
     return None
 

@@ -179,11 +179,14 @@ def test_mlflow_and_aitrain_runs_carry_on_in_a_store_made_here(tmp_path: Path) -
     assert client.get_run(run_id).data.tags["after"] == "yes"
 
 
-def test_a_store_of_another_revision_or_a_server_goes_through_mlflow(tmp_path: Path) -> None:
+def test_a_store_whose_tables_changed_or_a_server_goes_through_mlflow(tmp_path: Path) -> None:
     ours = our_store(tmp_path)
     con = sqlite3.connect(ours.path)
     with con:
-        con.execute("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")
+        con.execute("UPDATE alembic_version SET version_num = 'f00dfeedbeef'")  # a later MLflow's migration...
+    assert mlflow_sqlite.embedded_store(ours.uri) is not None  # ...that left these tables alone
+    with con:
+        con.execute("ALTER TABLE runs ADD COLUMN owner VARCHAR(64) NOT NULL DEFAULT ''")  # one that did not
     con.close()
     assert mlflow_sqlite.embedded_store(ours.uri) is None
     assert mlflow_sqlite.embedded_store("http://127.0.0.1:5000") is None
