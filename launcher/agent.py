@@ -199,7 +199,7 @@ def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
         text = " ".join([e.error, *e.tail[-3:]])
         for needle, hint in _STORAGE_ERRORS:
             if needle in text:
-                m = re.search(r"\[Errno \d+\] [^:]+: '([^']+)'", text)
+                m = re.search(r"\[Errno \d+\] [^:]+: '([^']+)'", text) or re.search(r" under (/\S+)", text)
                 return hint.format(path=m.group(1) if m else "the run dir")
     return ""
 

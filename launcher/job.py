@@ -271,12 +271,30 @@ def check_values(job: JobConfig) -> None:
             raise ConfigError(f"train.lr={lr} is not a positive finite learning rate", "e.g. train.lr=3e-3")
         if not 0 <= job.model.dropout < 1:
             raise ConfigError(f"model.dropout={job.model.dropout} is not in [0, 1)", "e.g. model.dropout=0.1")
+    if job.checkpoint.dir and job.checkpoint.every_n_steps > 0 and job.backend.name != "ray":
+        # (Ray's workers may see other filesystems than this host; Slurm's nodes share this one.)
+        _check_writable("checkpoint.dir", job.checkpoint.dir)
     if job.resume not in ("none", "auto"):
         path = Path(job.resume).expanduser()
         if not path.exists():
             raise ConfigError(f"resume={job.resume}: no such checkpoint (looked for {path.absolute()})",
                               "give a checkpoint directory (step-NNNNNNNN) or a checkpoint.dir holding one, "
                               "or resume=auto for the newest complete checkpoint")
+
+
+def _check_writable(key: str, value: str) -> None:
+    """``key``'s directory can be made and written by this user: its nearest existing folder
+    is a writable directory (a rank would otherwise fail at its first save, minutes in)."""
+    import errno
+
+    path = Path(value).expanduser().absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={value}: {existing} is a file, not a directory",
+                          f"set {key}= to a directory (it is made when missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value}: {existing} is not writable: {os.strerror(errno.EACCES)} (EACCES)",
+                          f"set {key}= to a directory you can write, or fix its owner or mode (ls -ld {existing})")
 
 
 def _ray_ships_code(job: JobConfig) -> bool:

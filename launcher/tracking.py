@@ -413,12 +413,14 @@ class Tracker:
                     if storage:  # a full or failing disk under the store, not an unreachable server
                         self.error = f"the MLflow store at {redact_text(self.uri)}: {storage}"
                         print(f"aitrain: {self.error}; training goes on, metrics stay spooled in {self.run_dir} "
-                              f"(free space, then: aitrain runs sync {self.run_dir})", flush=True)
+                              f"({storage_action(storage)}, then: aitrain runs sync {self.run_dir})", flush=True)
                     else:
                         print(f"aitrain: tracking server at {redact_text(self.uri)} is unreachable "
                               f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
                               flush=True)
                 backoff = min(max(backoff * 2, 1.0), 15.0)
+                if final and storage_fault(e):
+                    return  # a disk that failed now will not mend while the job's end waits: spooled for sync
                 if final and self._finished_at is not None and \
                         time.monotonic() - self._finished_at + backoff > self.drain_timeout_s:
                     return
@@ -752,6 +754,17 @@ def storage_fault(e: BaseException) -> str:
                 return what
         seen = seen.__cause__ or seen.__context__
     return ""
+
+
+def storage_action(fault: str) -> str:
+    """What to do about a :func:`storage_fault`, before replaying the spool."""
+    if "ENOSPC" in fault or "EDQUOT" in fault:
+        return "free space"
+    if "EIO" in fault:
+        return "check the disk and its filesystem"
+    if "EROFS" in fault or "EACCES" in fault:
+        return "make the store writable (its owner, mode or mount)"
+    return "fix the store"
 
 
 def _process_start_time() -> float:

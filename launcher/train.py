@@ -256,8 +256,23 @@ def _local_numel(model: Any) -> int:
 
 def _save(root: Path, step: int, model: Any, opt: Any, cfg: JobConfig, plan: ParallelPlan) -> None:
     t0 = time.perf_counter()
-    path = ckpt.save(root, step, model, opt, keep=cfg.checkpoint.keep,
-                     info={"strategy": cfg.strategy.name, "plan": vars(plan)})
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        path = ckpt.save(root, step, model, opt, keep=cfg.checkpoint.keep,
+                         info={"strategy": cfg.strategy.name, "plan": vars(plan)})
+    except (OSError, CheckpointException) as e:
+        # torch's writer names no file, and wraps a rank's OSError in a CheckpointException (a
+        # BaseException): the rank's last line says which checkpoint and the errno.
+        cause = e if isinstance(e, OSError) else next(
+            (x for x, _ in e.failures.values() if isinstance(x, OSError)), None)
+        if cause is None or cause.errno is None:
+            raise
+        import errno as errnos
+
+        name = errnos.errorcode.get(cause.errno, str(cause.errno))
+        raise OSError(cause.errno, f"{os.strerror(cause.errno)} ({name}) saving checkpoint step {step} "
+                                   f"under {root}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"aitrain: checkpoint step {step} saved to {path} in {time.perf_counter() - t0:.2f}s", flush=True)
 
