@@ -83,16 +83,33 @@ def test_killed_worker_restarts_the_group_from_the_checkpoint(head: LocalHead, t
                                 env=head.env(tmp_path), stdout=f, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until(lambda: "step 8/40" in out.read_text(), 120, "step 8", poll=0.5)
-        ranks = json.loads(next(tmp_path.glob("outputs/*/*/ray-ranks.json")).read_text())
+        ranks_file = next(tmp_path.glob("outputs/*/*/ray-ranks.json"))
+        ranks = json.loads(ranks_file.read_text())
         victim = next(x for x in ranks["ranks"] if x["rank"] == 1)
+        # Both ranks held still, the newest complete checkpoint damaged (a flipped byte: only
+        # its checksum can tell), then rank 1's Ray worker dies: the restarted group must name
+        # the damaged checkpoint and resume from the intact one before it.
+        for x in ranks["ranks"]:
+            os.kill(x["rank_pid"], signal.SIGSTOP)
+        complete = sorted(p.parent for p in (ranks_file.parent / "checkpoints").glob("step-*/COMPLETE"))
+        damaged, intact = complete[-1], complete[-2]
+        data = next(damaged.glob("__0_*.distcp"))
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
         os.kill(victim["worker_pid"], signal.SIGKILL)  # rank 1's Ray worker dies mid-training
+        os.kill(next(x for x in ranks["ranks"] if x["rank"] == 0)["rank_pid"], signal.SIGCONT)
         assert proc.wait(180) == 0, out.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
     text = out.read_text()
     assert "rank 1 on node0 lost its Ray worker" in text and "restarting the group (restart 1 of at most 1)" in text
-    assert "attempt 2" in text and "aitrain: resumed from" in text and "step 40/40" in text
+    assert "attempt 2" in text and "step 40/40" in text
+    line = next((x for x in text.splitlines() if f"checkpoint {damaged.name} is damaged" in x), text[-3000:])
+    assert f"aitrain: checkpoint {damaged.name} is damaged (rank0 file {data.name} fails its checksum" in line
+    assert line.endswith(f"); resuming from {intact.name}"), line
+    assert f"aitrain: resumed from {intact} (step {int(intact.name.split('-')[1])}," in text
     assert not alive(victim["rank_pid"])
     assert_nothing_left(head)
 
