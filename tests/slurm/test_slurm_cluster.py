@@ -171,24 +171,38 @@ def test_override_with_shell_metacharacters_arrives_unchanged(tmp_path: Path, en
 
 
 def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, str]) -> None:
-    handle = submit(["train.steps=400", "train.log_every=1", *TINY], tmp_path, env)
+    """The pre-timeout signal saves a checkpoint and requeues the job. While the job waits to
+    run again, that newest checkpoint is damaged (its data file cut short): the requeued
+    attempt names it in one line and resumes from the newest intact one, the periodic
+    checkpoint before it."""
+    handle = submit(["train.steps=400", "train.log_every=1", "checkpoint.every_n_steps=10", *TINY], tmp_path, env)
     jobid = handle.rsplit("/", 1)[1]
-    wait_for_log(handle, "step 20/", tmp_path, env)
+    wait_for_log(handle, "step 25/", tmp_path, env)
     # What Slurm does before the time limit (--signal=USR1@120): signal every job step.
     subprocess.run(["scancel", "--signal=USR1", jobid], env=env, check=True, timeout=30)
+    logs = wait_for_log(handle, "requeueing job", tmp_path, env)
+    stopped = int(logs.split("stopping at step ")[1].split()[0])
+    run_dir = Path(json.loads(aitrain(["status", handle, "--json"], tmp_path, env).stdout)["run_dir"])
+    damaged = run_dir / "checkpoints" / f"step-{stopped:08d}"
+    assert (damaged / "COMPLETE").exists()
+    data = next(damaged.glob("__0_*.distcp"))
+    size = data.stat().st_size
+    with open(data, "r+b") as f:
+        f.truncate(size // 2)
+    intact = max(s for s in range(10, stopped, 10))  # the periodic checkpoint before it
     st = wait_done(handle, tmp_path, env, timeout=400)
     out = job_output(st)
     assert st["state"] == "SUCCEEDED", out[-3000:]
     assert st["restarts"] == 1
-    assert "stopping at step" in out and "requeueing job" in out
-    stopped = int(out.split("stopping at step ")[1].split()[0])
-    assert "resumed from" in out and f"(step {stopped}," in out
+    assert f"aitrain: checkpoint {damaged.name} is damaged (rank0 file {data.name} truncated: {size // 2} of " \
+           f"{size} bytes); resuming from step-{intact:08d}" in out, out[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{intact:08d}'} (step {intact}," in out
     runs, client = mlflow_runs(tmp_path)
     by_restart = {r.data.tags.get("slurm.restart_count"): r for r in runs}
     assert set(by_restart) == {"0", "1"}
-    # The loss curve continues where it stopped: the second attempt starts at the next step.
+    # The loss curve continues from the checkpoint it resumed: the second attempt's first step follows it.
     second = client.get_metric_history(by_restart["1"].info.run_id, "loss")
-    assert min(m.step for m in second) == stopped + 1 and max(m.step for m in second) == 400
+    assert min(m.step for m in second) == intact + 1 and max(m.step for m in second) == 400
 
 
 def test_max_requeues_stops_requeueing(tmp_path: Path, env: dict[str, str]) -> None:
