@@ -126,6 +126,10 @@ class SlurmCluster:
             f"SlurmctldPort={self.ctld_port}",  # per cluster, so two rigs never share a controller
             f"SlurmctldHost={host}({self.rig.controller_address})",
             "AuthType=auth/munge",
+            # Step credentials live 30 s (default 120): a requeued job waits that long before it
+            # may run again (the old credentials must expire), which made every requeue test
+            # wait two minutes. 30 s still covers a step's launch on a busy 2-core machine.
+            "AuthInfo=cred_expire=30",
             "CryptoType=crypto/munge",
             "SlurmUser=root",
             "SlurmdUser=root",
