@@ -104,6 +104,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a sweep (``aitrain launch -m``) optimises: the value each job returns to Hydra's sweeper."""
+
+    objective: str = "loss"  # a metric the job or the user's program logged (metrics.jsonl or its MLflow run)
+    objective_mode: str = "last"  # last | min | max | mean_last_N (the mean of the last N values)
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking (set by the `tracking` group: mlflow | none)."""
 
@@ -195,6 +203,7 @@ class JobConfig:
     pp: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     fabric: FabricConfig = field(default_factory=FabricConfig)
     log: LogConfig = field(default_factory=LogConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)

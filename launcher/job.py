@@ -271,6 +271,9 @@ def check_values(job: JobConfig) -> None:
             raise ConfigError(f"train.lr={lr} is not a positive finite learning rate", "e.g. train.lr=3e-3")
         if not 0 <= job.model.dropout < 1:
             raise ConfigError(f"model.dropout={job.model.dropout} is not in [0, 1)", "e.g. model.dropout=0.1")
+    from aitrain.launcher.sweep import parse_mode
+
+    parse_mode(job.sweep.objective_mode)
     if job.checkpoint.dir and job.checkpoint.every_n_steps > 0 and job.backend.name != "ray":
         # (Ray's workers may see other filesystems than this host; Slurm's nodes share this one.)
         _check_writable("checkpoint.dir", job.checkpoint.dir)

@@ -394,6 +394,12 @@ class SqliteStore:
             con.execute("UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
                         (status, end_time if end_time is not None else int(time.time() * 1000), run_id))
 
+    def get_metric_history(self, run_id: str, key: str) -> list[Metric]:
+        with self._tx() as con:
+            rows = con.execute("SELECT key, value, timestamp, step, is_nan FROM metrics WHERE run_uuid = ? AND key = ? "
+                               "ORDER BY step, timestamp", (run_id, key)).fetchall()
+        return [Metric(k, float("nan") if nan else v, ts, step) for k, v, ts, step, nan in rows]
+
     # -- artifacts --------------------------------------------------------------------------
 
     def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:

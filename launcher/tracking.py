@@ -505,21 +505,7 @@ class Tracker:
     def _ensure_run(self, client: Any) -> None:
         if self.state["run_id"]:
             return
-        exp = client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            artifact_location = None
-            if self.uri.startswith("sqlite:///"):
-                store = Path(self.uri[len("sqlite:///"):]).parent
-                artifact_location = (store / "mlartifacts").as_uri()
-            try:
-                exp_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
-            except Exception:  # created concurrently by another launch
-                exp = client.get_experiment_by_name(self.experiment)
-                if exp is None:
-                    raise
-                exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
+        exp_id = experiment_id(client, self.uri, self.experiment)
         with self._lock:
             tags = dict(self.state["tags"])
         start = self.state.get("start_time")
@@ -734,6 +720,33 @@ class Tracker:
             summaries.append(rep.get("summary", ""))
         self.set_tags(**{"aitrain.hang": "true", "aitrain.hang.behind": ",".join(behind) or "unknown",
                          "aitrain.hang.summary": " | ".join(summaries)})
+
+
+def open_client(uri: str) -> Any:
+    """The client a store is written through: the embedded store directly, else MLflow's."""
+    client: Any = embedded_store(uri)
+    if client is None:
+        ensure_sqlite_store(uri)
+        client = MlflowStore(uri)
+    return client
+
+
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of experiment ``name``, made when missing (an embedded store keeps its artifacts
+    beside it, under ``mlartifacts/``)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=artifact_location))
+    except Exception:  # created concurrently by another launch
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
 
 
 def storage_fault(e: BaseException) -> str:

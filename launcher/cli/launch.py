@@ -321,18 +321,20 @@ def _hydra_main(argv: list[str]) -> None:
     started = []
 
     @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
-    def _task(cfg: Any) -> None:
+    def _task(cfg: Any) -> float | None:
         from aitrain.launcher.redact import redact_hydra_output
 
         started.append(True)
         redact_hydra_output()  # Hydra saved the overrides and config as given, secrets too
         try:
             code = launch(cfg)
+            value = sweep_value(cfg, code)
         except AitrainError as e:
             print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
         if code:
             raise SystemExit(code)
+        return value
 
     # Hydra reports what fails before the job starts (a wrong type, an unknown option of a
     # group, a run dir it cannot create) in its own format with exit code 1; aitrain's usage
@@ -358,6 +360,28 @@ def _hydra_main(argv: list[str]) -> None:
     finally:
         sys.argv = saved
         hydra_utils.run_and_report = hydra_report
+
+
+def sweep_value(cfg: Any, code: int) -> float | None:
+    """In a sweep, this job's ``sweep.objective`` (what Hydra's sweeper optimises), recorded
+    for the sweep's parent run; None outside a sweep, for a dry run or a submitted job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from aitrain.launcher.sweep import current_sweep, objective, record_result
+    from aitrain.launcher.tracking import resolve_tracking_uri
+
+    sweep = current_sweep()
+    run_dir = Path(str(cfg.run_dir))
+    if sweep is None or cfg.dry_run or not (run_dir / "outcome.json").exists():
+        return None
+    uri = resolve_tracking_uri(cfg.tracking.uri, Path(str(cfg.run_root))) if cfg.tracking.enabled else None
+    num = int(HydraConfig.get().job.num)
+    if code:
+        record_result(sweep["dir"], num, _task_overrides(), None, run_dir)
+        return None
+    value = objective(run_dir, str(cfg.sweep.objective), str(cfg.sweep.objective_mode), uri)
+    record_result(sweep["dir"], num, _task_overrides(), value, run_dir)
+    return value
 
 
 def _raise(e: BaseException) -> Any:
@@ -542,8 +566,16 @@ def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Req
 
 def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
     """Plan one composed job and print it, submit it, or run it here (a multirun calls this per job)."""
+    from aitrain.launcher.sweep import child_run_name, current_sweep
+
+    sweep = current_sweep()
+    if sweep is not None and not cfg.tracking.run_name:  # named after its overrides, unique across sweeps
+        cfg.tracking.run_name = child_run_name(_task_overrides() if overrides is None else list(overrides), sweep)
     backend, request = plan(cfg, overrides)
     spec = request.spec
+    if sweep is not None and sweep.get("parent_run_id"):
+        request.tags["mlflow.parentRunId"] = sweep["parent_run_id"]
+        request.tags["aitrain.sweep.dir"] = sweep["dir"]
     if spec.config.dry_run:
         _print_plan(spec, request)
         return 0

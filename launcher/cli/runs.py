@@ -132,7 +132,26 @@ def summarize(run: Any) -> dict[str, Any]:
         "loss": metrics.get("loss"),
         "run_dir": tags.get("aitrain.run_dir"),
         "hang": tags.get("aitrain.hang.behind"),
+        "parent_run_id": tags.get("mlflow.parentRunId"),  # a job of a sweep
+        "sweep": tags.get("aitrain.sweep") == "parent",
     }
+
+
+def as_tree(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(depth, row): each sweep's parent run followed by its jobs, oldest first; a job whose
+    parent is not among ``rows`` stands on its own."""
+    ids = {r["run_id"] for r in rows}
+    children: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["parent_run_id"] in ids:
+            children.setdefault(r["parent_run_id"], []).append(r)
+    out: list[tuple[int, dict[str, Any]]] = []
+    for r in rows:
+        if r["parent_run_id"] in ids:
+            continue
+        out.append((0, r))
+        out += [(1, c) for c in sorted(children.get(r["run_id"], []), key=lambda c: c["start_time"] or 0)]
+    return out
 
 
 def list_runs(args: argparse.Namespace) -> int:
@@ -166,12 +185,12 @@ def list_runs(args: argparse.Namespace) -> int:
     header = ["RUN", "STARTED", "STATUS", "STRATEGY", "NODES", "RANKS", *[_phase_title(p) for p in phases],
               "TOKENS/S", "WALL"]
     table = [header]
-    for r in rows:
+    for depth, r in as_tree(rows):
         table.append([
-            r["run_id"][:8],
+            ("└ " if depth else "") + r["run_id"][:8],
             time.strftime("%m-%d %H:%M", time.localtime(r["start_time"])) if r["start_time"] else "-",
             r["status"],
-            r["strategy"] or "-",
+            "sweep" if r["sweep"] else r["strategy"] or "-",
             _nodes(r["nodes"], r["nnodes"]),
             str(r["world_size"] or "-"),
             *[_seconds(r["phases"].get(p)) for p in phases],

@@ -216,13 +216,31 @@ def test_missing_script_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_multirun_makes_one_mlflow_run_per_job(tmp_path: Path) -> None:
-    r = run_aitrain(["launch", "-m", "train.lr=1e-3,3e-3", "train.steps=5", "nproc_per_node=1"], tmp_path)
-    assert r.returncode == 0, r.stderr + r.stdout
+    """One parent run per sweep, one child run per job named after its swept values; two
+    sweeps with the same values never share a run name."""
+    for _ in range(2):
+        r = run_aitrain(["launch", "-m", "train.lr=1e-3,3e-3", "train.steps=5", "nproc_per_node=1"], tmp_path)
+        assert r.returncode == 0, r.stderr + r.stdout
     runs, _ = _mlflow_runs(tmp_path)
-    assert sorted(run.data.params["train.lr"] for run in runs) == ["0.001", "0.003"]
+    parents = [run for run in runs if run.data.tags.get("aitrain.sweep") == "parent"]
+    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    assert len(parents) == 2 and len(children) == 4 and len(runs) == 6
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {p.info.run_id for p in parents}
+    assert sorted(run.data.params["train.lr"] for run in children) == ["0.001", "0.001", "0.003", "0.003"]
     assert all(run.info.status == "FINISHED" for run in runs)
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == 4 and all(n.split(" [")[0] in ("train.lr=0.001", "train.lr=0.003") for n in names)
+    for p in parents:
+        assert p.data.tags["aitrain.sweep.overrides"].startswith("train.lr=1e-3,3e-3")
+        assert p.data.tags["aitrain.sweep.sweeper"].endswith("BasicSweeper")
+        assert p.data.tags["aitrain.sweep.launcher"].endswith("BasicLauncher")
+        assert p.data.tags["aitrain.sweep.trials"] == "2" and "best/loss" in p.data.metrics
+    # `aitrain runs` shows each sweep's run with its jobs under it.
+    listed = run_aitrain(["runs", "--last", "6"], tmp_path, timeout=60).stdout.splitlines()
+    rows = [line.split()[:5] for line in listed[1:]]
+    assert [r[4] if not r[0].startswith("└") else "job" for r in rows] == ["sweep", "job", "job"] * 2, listed
     metrics = list(tmp_path.glob("outputs/multirun/*/*/*/metrics.jsonl"))
-    assert len(metrics) == 2
+    assert len(metrics) == 4
     assert json.loads(metrics[0].read_text().splitlines()[-1])["step"] == 5
 
 
