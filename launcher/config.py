@@ -119,6 +119,7 @@ class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI (default: sqlite under `run_root`)
     experiment: str = "aitrain"  # MLflow experiment name
     run_name: str | None = None  # MLflow run name (default: the run directory's name)
+    parent_run_id: str | None = None  # the MLflow run this one belongs under (set for a sweep's jobs)
     system_metrics: bool = True  # sample CPU, memory, network, RDMA and GPU metrics on every node
     system_metrics_interval_s: float = 10.0  # seconds between system metric samples
 

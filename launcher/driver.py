@@ -159,6 +159,7 @@ def start_tracker(spec: JobSpec, request: Request) -> Tracker | None:
         "versions.python": platform.python_version(),
         "versions.aitrain": __version__,
         **request.tags,  # backend facts, e.g. slurm.job_id, slurm.restart_count, nodes
+        **({"mlflow.parentRunId": job.tracking.parent_run_id} if job.tracking.parent_run_id else {}),
     }
     tracker = Tracker(
         uri=resolve_tracking_uri(job.tracking.uri, Path(job.run_root)),

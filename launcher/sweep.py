@@ -84,6 +84,17 @@ def objective(run_dir: Path, key: str, mode: str, uri: str | None) -> float:
     return reduce(values, mode)
 
 
+def wait_for_job(backend: Any, handle: str, run_dir: Path, poll_s: float = 2.0) -> tuple[int, Path]:
+    """(exit code, run dir) of a submitted job once it has ended (an optimising sweeper needs
+    each trial's value before it picks the next)."""
+    print(f"aitrain: waiting for {handle} to end: the sweeper needs its result", flush=True)
+    while True:
+        st = backend.status(handle)
+        if st.done:
+            return (0 if st.state.value == "SUCCEEDED" else st.exit_code or 1), Path(st.run_dir or run_dir)
+        time.sleep(poll_s)
+
+
 def _sweep_dir() -> Path | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -139,18 +150,31 @@ def swept_keys(overrides: list[str], sweeper: Any) -> list[str]:
     return keys
 
 
-def record_result(sweep_dir: str, num: int, overrides: list[str], value: float | None, run_dir: Path) -> None:
+def record_result(sweep_dir: str, num: int, overrides: list[str], value: float | None, run_dir: Path,
+                  handle: str | None = None) -> None:
+    """One job of the sweep: its value (None: failed, or submitted and not waited for) and
+    where it is (its run dir, MLflow run, scheduler handle)."""
     try:
         run_id = (run_dir / "mlflow_run_id").read_text().strip()
     except OSError:
         run_id = None
-    line = json.dumps({"num": num, "overrides": overrides, "value": value, "run_id": run_id, "run_dir": str(run_dir),
-                       "time": time.time()}) + "\n"
+    _append(sweep_dir, {"num": num, "overrides": overrides, "value": value, "run_id": run_id, "run_dir": str(run_dir),
+                        "handle": handle})
+
+
+def _append(sweep_dir: str, record: dict[str, Any]) -> None:
+    line = json.dumps({**record, "time": time.time()}) + "\n"
     fd = os.open(Path(sweep_dir) / RESULTS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.write(fd, line.encode())  # one write with O_APPEND: lines of parallel jobs never interleave
     finally:
         os.close(fd)
+
+
+def record_submitted(sweep_dir: str, num: int, overrides: list[str], run_dir: Path, handle: str) -> None:
+    """A job handed to a scheduler and not waited for (Hydra's basic sweeper)."""
+    _append(sweep_dir, {"num": num, "overrides": overrides, "value": None, "run_dir": str(run_dir), "handle": handle,
+                        "submitted": True})
 
 
 def _tracking(config: Any) -> tuple[str, str] | None:
@@ -221,8 +245,12 @@ class SweepTracking(Callback):
         scored = [r for r in results if isinstance(r.get("value"), (int, float)) and math.isfinite(r["value"])]
         now = int(time.time() * 1000)
         metrics = [Metric(f"trial/{objective_key}", float(r["value"]), now, int(r["num"])) for r in scored]
+        handles = [str(r["handle"]) for r in results if r.get("handle")]
+        failed = [r for r in results if r.get("value") is None and not (r.get("handle") and r.get("submitted"))]
         tags = [RunTag("aitrain.sweep.trials", str(len(results))),
-                RunTag("aitrain.sweep.failed_trials", str(len(results) - len(scored)))]
+                RunTag("aitrain.sweep.failed_trials", str(len(failed)))]
+        if handles:  # jobs handed to a scheduler: where to follow them (aitrain status/logs HANDLE)
+            tags.append(RunTag("aitrain.sweep.handles", " ".join(handles)[:5000]))
         if scored:
             best = (max if maximize else min)(scored, key=lambda r: r["value"])
             metrics.append(Metric(f"best/{objective_key}", float(best["value"]), now, 0))

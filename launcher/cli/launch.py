@@ -362,17 +362,35 @@ def _hydra_main(argv: list[str]) -> None:
         hydra_utils.run_and_report = hydra_report
 
 
+_submitted: dict[str, Any] = {}  # the job launch() last handed to a scheduler (a sweep's trial waits for it)
+
+
 def sweep_value(cfg: Any, code: int) -> float | None:
     """In a sweep, this job's ``sweep.objective`` (what Hydra's sweeper optimises), recorded
-    for the sweep's parent run; None outside a sweep, for a dry run or a submitted job."""
+    for the sweep's parent run; None outside a sweep or for a dry run. A job handed to a
+    scheduler is waited for only under an optimising sweeper (which needs its value); under
+    Hydra's basic sweeper the sweep submits every job without waiting."""
     from hydra.core.hydra_config import HydraConfig
 
-    from aitrain.launcher.sweep import current_sweep, objective, record_result
+    from aitrain.launcher.sweep import current_sweep, objective, record_result, record_submitted, wait_for_job
     from aitrain.launcher.tracking import resolve_tracking_uri
 
     sweep = current_sweep()
-    run_dir = Path(str(cfg.run_dir))
-    if sweep is None or cfg.dry_run or not (run_dir / "outcome.json").exists():
+    submitted, run_dir = dict(_submitted), Path(str(cfg.run_dir))
+    _submitted.clear()
+    if sweep is None or cfg.dry_run:
+        return None
+    if submitted:
+        if "BasicSweeper" in str(HydraConfig.get().sweeper.get("_target_", "")):
+            record_submitted(sweep["dir"], int(HydraConfig.get().job.num), _task_overrides(),
+                             Path(submitted["run_dir"]), submitted["handle"])
+            return None
+        code, run_dir = wait_for_job(submitted["backend"], submitted["handle"], Path(submitted["run_dir"]))
+        if code:  # a failed trial (Hydra records it as this job's failure; the sweeper goes on)
+            record_result(sweep["dir"], int(HydraConfig.get().job.num), _task_overrides(), None, run_dir,
+                          submitted["handle"])
+            raise RuntimeError(f"{submitted['handle']} failed (exit {code}); see aitrain logs {submitted['handle']}")
+    if not (run_dir / "outcome.json").exists():
         return None
     uri = resolve_tracking_uri(cfg.tracking.uri, Path(str(cfg.run_root))) if cfg.tracking.enabled else None
     num = int(HydraConfig.get().job.num)
@@ -380,7 +398,7 @@ def sweep_value(cfg: Any, code: int) -> float | None:
         record_result(sweep["dir"], num, _task_overrides(), None, run_dir)
         return None
     value = objective(run_dir, str(cfg.sweep.objective), str(cfg.sweep.objective_mode), uri)
-    record_result(sweep["dir"], num, _task_overrides(), value, run_dir)
+    record_result(sweep["dir"], num, _task_overrides(), value, run_dir, submitted.get("handle"))
     return value
 
 
@@ -568,14 +586,21 @@ def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
     """Plan one composed job and print it, submit it, or run it here (a multirun calls this per job)."""
     from aitrain.launcher.sweep import child_run_name, current_sweep
 
+    from aitrain.launcher.program import hydra_quote
+
     sweep = current_sweep()
-    if sweep is not None and not cfg.tracking.run_name:  # named after its overrides, unique across sweeps
-        cfg.tracking.run_name = child_run_name(_task_overrides() if overrides is None else list(overrides), sweep)
+    if sweep is not None:
+        # A sweep's job: named after its overrides (unique across sweeps), under the sweep's run.
+        # Set as overrides too, so a job submitted to a cluster (sbatch, the Jobs API) gets them.
+        overrides = list(_task_overrides() if overrides is None else overrides)
+        if not cfg.tracking.run_name:
+            cfg.tracking.run_name = child_run_name(overrides, sweep)
+            overrides.append(f"tracking.run_name={hydra_quote(cfg.tracking.run_name)}")
+        if sweep.get("parent_run_id") and not cfg.tracking.parent_run_id:
+            cfg.tracking.parent_run_id = sweep["parent_run_id"]
+            overrides.append(f"tracking.parent_run_id={sweep['parent_run_id']}")
     backend, request = plan(cfg, overrides)
     spec = request.spec
-    if sweep is not None and sweep.get("parent_run_id"):
-        request.tags["mlflow.parentRunId"] = sweep["parent_run_id"]
-        request.tags["aitrain.sweep.dir"] = sweep["dir"]
     if spec.config.dry_run:
         _print_plan(spec, request)
         return 0
@@ -583,6 +608,7 @@ def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
         # From a login node / outside the cluster: hand the job to the scheduler; it runs
         # `aitrain launch` again where it starts, which does the tracking.
         handle = backend.submit(request)
+        _submitted.update(backend=backend, handle=handle, run_dir=spec.run_dir)
         if _options["json"]:
             print(json.dumps({"handle": handle, "backend": backend.name, "run_dir": str(spec.run_dir),
                               "state": "PENDING", "mlflow_run_id": None}), flush=True)

@@ -7,6 +7,7 @@ address itself.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -203,6 +204,41 @@ def test_signal_checkpoints_requeues_and_resumes(tmp_path: Path, env: dict[str, 
     # The loss curve continues from the checkpoint it resumed: the second attempt's first step follows it.
     second = client.get_metric_history(by_restart["1"].info.run_id, "loss")
     assert min(m.step for m in second) == intact + 1 and max(m.step for m in second) == 400
+
+
+def test_sweep_from_a_login_node_submits_every_job_and_ties_their_runs(tmp_path: Path, env: dict[str, str]) -> None:
+    """Hydra's basic sweeper with backend=slurm: every job is submitted without waiting for the
+    one before; the sweep's MLflow run lists their handles and their runs are its children."""
+    r = aitrain(["launch", "-m", "backend=slurm", "nnodes=2", "train.lr=1e-3,3e-3", "train.steps=5", *TINY],
+                tmp_path, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    handles = list(dict.fromkeys(w for w in r.stdout.split() if w.startswith("slurm://")))
+    assert len(handles) == 2
+    for handle in handles:
+        st = wait_done(handle, tmp_path, env)
+        assert st["state"] == "SUCCEEDED", job_output(st)[-3000:]
+    runs, _ = mlflow_runs(tmp_path)
+    parent = next(x for x in runs if x.data.tags.get("aitrain.sweep") == "parent")
+    assert parent.data.tags["aitrain.sweep.handles"].split() == handles
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.params["train.lr"] for c in children) == ["0.001", "0.003"]
+    assert sorted(c.info.run_name.split(" [")[0] for c in children) == ["train.lr=0.001", "train.lr=0.003"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins") is None
+                    or importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None,
+                    reason="hydra-optuna-sweeper not installed")
+def test_an_optimising_sweep_waits_for_each_slurm_job(tmp_path: Path, env: dict[str, str]) -> None:
+    r = aitrain(["launch", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "backend=slurm", "nnodes=2",
+                 "train.lr=interval(1e-4,1e-2)", "train.steps=5", *TINY], tmp_path, env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    assert r.stdout.count("aitrain: waiting for slurm://") == 2
+    runs, _ = mlflow_runs(tmp_path)
+    parent = next(x for x in runs if x.data.tags.get("aitrain.sweep") == "parent")
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and parent.data.tags["aitrain.sweep.failed_trials"] == "0"
+    best = min(children, key=lambda c: c.data.metrics["loss"])
+    assert parent.data.tags["aitrain.sweep.best_run_id"] == best.info.run_id
 
 
 def test_max_requeues_stops_requeueing(tmp_path: Path, env: dict[str, str]) -> None:
