@@ -114,6 +114,29 @@ def test_killed_worker_restarts_the_group_from_the_checkpoint(head: LocalHead, t
     assert_nothing_left(head)
 
 
+def test_sweep_through_the_jobs_api_submits_every_job_and_ties_their_runs(head: LocalHead, tmp_path: Path) -> None:
+    """Hydra's basic sweeper with the Ray Jobs API: both jobs submitted without waiting, the
+    sweep's MLflow run lists their handles, and their runs are its children."""
+    from mlflow.tracking import MlflowClient
+
+    env = head.env(tmp_path)
+    r = aitrain(["launch", "-m", "backend=ray", f"backend.address={head.jobs}", "nproc_per_node=2",
+                 "train.lr=1e-3,3e-3", "train.steps=3", *TINY], tmp_path, env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    handles = list(dict.fromkeys(w for w in r.stdout.split() if w.startswith("ray://")))
+    assert len(handles) == 2
+    for handle in handles:
+        follow = aitrain(["logs", handle, "--follow"], tmp_path, env, timeout=180)
+        assert follow.returncode == 0, follow.stdout[-2000:] + follow.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aitrain").experiment_id])
+    parent = next(x for x in runs if x.data.tags.get("aitrain.sweep") == "parent")
+    assert parent.data.tags["aitrain.sweep.handles"].split() == handles
+    children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name.split(" [")[0] for c in children) == ["train.lr=0.001", "train.lr=0.003"]
+    assert_nothing_left(head)
+
+
 def test_jobs_api_handle(head: LocalHead, tmp_path: Path) -> None:
     env = head.env(tmp_path)
     r = aitrain(["launch", "backend=ray", f"backend.address={head.jobs}", "nproc_per_node=2", "train.steps=3",
