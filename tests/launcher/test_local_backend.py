@@ -239,6 +239,13 @@ def test_multirun_makes_one_mlflow_run_per_job(tmp_path: Path) -> None:
     listed = run_aitrain(["runs", "--last", "6"], tmp_path, timeout=60).stdout.splitlines()
     rows = [line.split()[:5] for line in listed[1:]]
     assert [r[4] if not r[0].startswith("└") else "job" for r in rows] == ["sweep", "job", "job"] * 2, listed
+    # ...and `aitrain runs compare` tells two jobs of a sweep apart.
+    a, b = sorted((c for c in children if c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id),
+                  key=lambda c: c.data.params["train.lr"])
+    compared = run_aitrain(["runs", "compare", a.info.run_id, b.info.run_id], tmp_path, timeout=120)
+    assert compared.returncode == 0, compared.stderr
+    lr_line = next(line for line in compared.stdout.splitlines() if line.split()[:1] == ["train.lr"])
+    assert "0.001" in lr_line and "0.003" in lr_line, compared.stdout
     metrics = list(tmp_path.glob("outputs/multirun/*/*/*/metrics.jsonl"))
     assert len(metrics) == 4
     assert json.loads(metrics[0].read_text().splitlines()[-1])["step"] == 5
