@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -268,13 +270,14 @@ def _save(root: Path, step: int, model: Any, opt: Any, cfg: JobConfig, plan: Par
             (x for x, _ in e.failures.values() if isinstance(x, OSError)), None)
         if cause is None or cause.errno is None:
             raise
-        import errno as errnos
-
-        name = errnos.errorcode.get(cause.errno, str(cause.errno))
+        name = errno.errorcode.get(cause.errno, str(cause.errno))
         raise OSError(cause.errno, f"{os.strerror(cause.errno)} ({name}) saving checkpoint step {step} "
                                    f"under {root}") from e
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"aitrain: checkpoint step {step} saved to {path} in {time.perf_counter() - t0:.2f}s", flush=True)
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
 
 
 @record
@@ -289,7 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.config).is_file():
         print(f"aitrain.train: config file not found: {args.config}", file=sys.stderr)
         return 2
-    train(load_job(args.config))
+    try:
+        train(load_job(args.config))
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        # A full or failing disk: @record's error file (on the same disk) would be written
+        # half and break the agent that reads it. The traceback goes to this rank's log; its
+        # last line (the errno and the path) is what the launch reports.
+        traceback.print_exc()
+        raise SystemExit(1) from None
     return 0
 
 
