@@ -584,9 +584,8 @@ def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Req
 
 def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
     """Plan one composed job and print it, submit it, or run it here (a multirun calls this per job)."""
-    from aitrain.launcher.sweep import child_run_name, current_sweep
-
     from aitrain.launcher.program import hydra_quote
+    from aitrain.launcher.sweep import child_run_name, current_sweep
 
     sweep = current_sweep()
     if sweep is not None:
