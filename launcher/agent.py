@@ -61,6 +61,7 @@ class AgentRequest:
     services: dict[str, Any] = field(default_factory=dict)  # rank logs, system metrics, watchdog (node/services.py)
     resources: dict[str, Any] = field(default_factory=dict)  # NodePlan: binding, cgroup, profiler (resources.py)
     cwd: str = ""  # where the ranks run (default: the agent's own directory)
+    container: dict[str, Any] = field(default_factory=dict)  # runtime, label, mkdirs (launcher/container.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -135,6 +136,13 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     # The job's cgroup exists before the first rank starts; ranks get their part of the plan in the env.
     node = NodeResources.start(req.resources, nproc=req.nproc_per_node, node_rank=req.node_rank)
     os.environ.update(node.rank_env())
+    container = req.container.get("runtime", "")
+    if container:
+        from aitrain.launcher.container import CONTAINER_ENV
+
+        os.environ[CONTAINER_ENV] = container
+        for d in req.container.get("mkdirs", []):  # a bind mount's source must exist
+            Path(d).mkdir(parents=True, exist_ok=True)
     config = LaunchConfig(
         min_nodes=req.nnodes,
         max_nodes=req.nnodes,
@@ -155,7 +163,8 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     try:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
-        exits = rank_exits(e.failures, ranks, services, node_name, *node.oom_ranks(e.failures))
+        exits = rank_exits(e.failures, ranks, services, node_name, *node.oom_ranks(e.failures),
+                           container=bool(container))
         hint = f"each rank's full output is under {req.log_dir}"
         storage = storage_hint(exits, Path(req.log_dir).parent)
         return AgentResult(False, exit_code_of(exits), describe(exits), f"{storage}; {hint}" if storage else hint,
@@ -169,6 +178,10 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
         return AgentResult(False, 1, f"the elastic agent failed: {type(e).__name__}: {e}",
                            f"see the rank logs under {req.log_dir}", node=node_name)
     finally:
+        if container == "podman":  # a rank whose `podman run` was killed leaves its container running
+            from aitrain.launcher.container import remove_containers
+
+            remove_containers(req.container["label"])
         node.stop()  # kills and removes the job's cgroup: nothing of the job survives it
     return AgentResult(True, node=node_name)
 
@@ -209,14 +222,15 @@ _STOP_SIGNALS = ("SIGTERM", "SIGKILL")
 
 
 def rank_exits(failures: dict[int, Any], ranks: Any, services: Any, node: str = "",
-               oom_ranks: set[int] | None = None, oom_reason: str = "") -> list[RankExit]:
+               oom_ranks: set[int] | None = None, oom_reason: str = "", container: bool = False) -> list[RankExit]:
     """How every rank of this node ended, from torch's failures and the node's services.
 
     torch reports the ranks that had ended badly when it looked; the others it then
     stopped (SIGTERM, then SIGKILL). A reported rank that was killed by one of those
     signals after the first failure was stopped too. Each rank's end time comes from the
     node's exit clock (``node/exits.py``), else torch's whole-second timestamp; its last
-    lines from the rank streams.
+    lines from the rank streams. A rank in a ``container`` reports a signal as the shell
+    does (128+N): that is the signal.
     """
     from aitrain.launcher.node.logstream import flush_all
 
@@ -230,6 +244,8 @@ def rank_exits(failures: dict[int, Any], ranks: Any, services: Any, node: str = 
             exits.append(RankExit(rank, node=node, signal="SIGTERM", stopped=True, ended_at=ended))
             continue
         code = getattr(f, "exitcode", None)
+        if container and isinstance(code, int) and 128 < code < 128 + 65:
+            code = -(code - 128)
         error, trace = _error_file(f)
         if ended is None:
             ended = float(getattr(f, "timestamp", 0) or 0) or None

@@ -168,6 +168,18 @@ class ResourcesConfig:
 
 
 @dataclass
+class ContainerConfig:
+    """Run every rank inside a container image (launcher/container.py)."""
+
+    image: str | None = None  # the image (podman: a local image; pyxis: an enroot URI or squashfs; apptainer: a .sif)
+    runtime: str = "auto"  # auto | podman | pyxis | apptainer (auto: Pyxis under Slurm if srun has it, else podman)
+    mounts: list[str] = field(default_factory=list)  # SRC:DST[:ro]; the run dir and launch dir are always mounted
+    workdir: str | None = None  # where the ranks run inside (default: where they run without a container)
+    env: list[str] = field(default_factory=list)  # host env names (or PREFIX*) passed in, beyond torch's and tuned
+    python: str = "python3"  # the image's interpreter; host: this venv and interpreter mounted read-only
+
+
+@dataclass
 class LocalBackendConfig:
     """Run all ranks on this machine under torch's elastic agent."""
 
@@ -209,6 +221,7 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    container: ContainerConfig = field(default_factory=ContainerConfig)
     # Set by the `backend` group (local | slurm); typed per option, so no default schema here:
     # a default dataclass would make OmegaConf reject every other backend's schema.
     backend: Any = "???"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aitrain.errors import ConfigError
 from aitrain.launcher.config import JobConfig
+from aitrain.launcher.container import ContainerPlan, job_label, plan_container
 from aitrain.launcher.resources import ResourceRequest
 from aitrain.launcher.util import PRIVATE_UMASK, USER_UMASK_ENV, user_umask
 
@@ -46,6 +47,7 @@ class JobSpec:
     # The built-in job arms its own parent-death signal; a user script needs the
     # trampoline (launcher/supervise.py) for that, at the cost of one exec per rank.
     needs_trampoline: bool = True
+    container: ContainerPlan | None = None  # the image the ranks run in (launcher/container.py)
     env: Mapping[str, str] = field(default_factory=dict)  # extra env for every rank
     env_reasons: Mapping[str, str] = field(default_factory=dict)  # why each env value was set
     resources: ResourceRequest = field(default_factory=ResourceRequest)  # binding, cgroup, profiler
@@ -216,7 +218,8 @@ def check_job(job: JobConfig, launch_dir: Path | None = None) -> None:
     if job.script and not (launch_dir / job.script).is_file():
         raise ConfigError(f"script={job.script} does not exist (looked in {launch_dir})",
                           "give a path to a torchrun-compatible Python script")
-    if job.module and not getattr(job.backend, "python", None) and not _ray_ships_code(job):
+    if job.module and not getattr(job.backend, "python", None) and not _ray_ships_code(job) \
+            and not job.container.image:  # the image's Python finds it, not this one
         check_module(job.module, launch_dir)
 
 
@@ -340,14 +343,22 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
         reasons[str(k)] = "user-set (fabric.env)"
     replace, default = backend.relaunch_settings(job)
     python = getattr(job.backend, "python", None) or sys.executable
+    name = f"aitrain-{run_dir.name}"
+    cwd = run_dir if chdir else launch_dir
+    container = plan_container(job.container, backend=str(getattr(job.backend, "name", "local")), run_dir=run_dir,
+                               launch_dir=launch_dir, cwd=cwd, job=job_label(name, run_dir),
+                               checkpoint_dir=job.checkpoint.dir)
+    argv = rank_program(job, config_file, launch_dir if chdir else None)
     return JobSpec(
-        name=f"aitrain-{run_dir.name}",
+        name=name,
         run_dir=run_dir,
-        argv=tuple(rank_program(job, config_file, launch_dir if chdir else None)),
+        argv=tuple(container.program(argv) if container else argv),
         nnodes=job.nnodes,
         nproc_per_node=job.nproc_per_node,
         config=job,
-        needs_trampoline=needs_trampoline(job),
+        # A rank's `podman run` gets the job's cgroup and dies with the agent through it.
+        needs_trampoline=needs_trampoline(job) or bool(container and container.runtime == "podman"),
+        container=container,
         env=env,
         env_reasons=reasons,
         resources=resources,
@@ -357,7 +368,7 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
         config_yaml=config_yaml,
         resolved=dict(resolved),
         launch_dir=launch_dir,
-        cwd=run_dir if chdir else launch_dir,
+        cwd=cwd,
     )
 
 

@@ -36,7 +36,9 @@ def die_with_parent() -> None:
     """Arm PR_SET_PDEATHSIG in this process (a rank); exit if the parent is already gone."""
     parent = os.getppid()
     set_parent_death_signal()
-    if parent == 1 or os.getppid() != parent:
+    # In a rank's container (podman run --init) the parent is the container's init, pid 1.
+    orphaned = parent == 1 and os.environ.get("AITRAIN_CONTAINER") != "podman"
+    if orphaned or os.getppid() != parent:
         sys.exit(1)
 
 
@@ -71,7 +73,28 @@ def main() -> None:
             from aitrain.launcher.profiling import run_profiled
 
             run_profiled(args, profile, int(os.environ.get("RANK", "0")))
+    if os.environ.get("AITRAIN_CONTAINER") == "podman":  # container.CONTAINER_ENV: args is `podman run ...`
+        args = _podman_rank(args)
+    # Python ignores SIGPIPE and SIGXFSZ; the program gets them back as subprocess would give them
+    # (an ignored SIGPIPE inherited by `podman run` makes it lose its container's exit).
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
     os.execvp(args[0], args)
+
+
+def _podman_rank(args: list[str]) -> list[str]:
+    """A rank's ``podman run``: on its parent's death it gets SIGTERM, which podman passes to the
+    rank (a SIGKILLed podman would leave its container running); in the job's cgroup, its
+    container's cgroup is made under it."""
+    from aitrain.launcher.container import insert_cgroup_parent
+
+    set_parent_death_signal(signal.SIGTERM)
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = f.read()
+    except OSError:
+        return args
+    return insert_cgroup_parent(args, own) if "/aitrain/" in own else args
 
 
 if __name__ == "__main__":

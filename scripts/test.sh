@@ -14,7 +14,7 @@ echo "== installing aitrain and the test extras (pytest, ray, the frameworks the
   | { grep -v -e "is ignored: it is neither a file nor a directory" -e "^Requirement already satisfied" || true; }
 
 # System packages the real-thing tests use. Only as root on Debian; otherwise those tests skip.
-DEB_PACKAGES="python3-pyverbs iproute2 linux-perf slurm-wlm munge zsh tmux fish strace"
+DEB_PACKAGES="python3-pyverbs iproute2 linux-perf slurm-wlm munge zsh tmux fish strace podman runc catatonit mmdebstrap"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=""
   for p in $DEB_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -141,3 +141,52 @@ class MlflowServer:
                 if s.connect_ex(("127.0.0.1", self.port)) != 0:
                     return
             time.sleep(0.1)
+
+
+# -- containers: Podman with an image built offline -------------------------------------------
+
+PODMAN_IMAGE = "localhost/aitrain-test:bookworm-py311"
+
+
+def podman_unavailable() -> str:
+    """Why the Podman tests cannot run here ('' when they can)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root (rootful Podman)"
+    for tool in ("podman", "runc", "mmdebstrap"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (scripts/test.sh installs it on Debian)"
+    return ""
+
+
+def podman_env(root: Path) -> dict[str, str]:
+    """What Podman needs in this sandbox: runc (crun refuses the hybrid cgroup layout) and no
+    default ulimits (raising nofile/nproc needs CAP_SYS_RESOURCE, which the sandbox lacks)."""
+    conf = root / "containers.conf"
+    if not conf.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        conf.write_text('[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n')
+    return {"CONTAINERS_CONF": str(conf)}
+
+
+def podman_image(workdir: Path) -> str:
+    """A Debian bookworm image with python3.11 (no torch, no aitrain), built offline from
+    Debian's packages (mmdebstrap, about 20 s) and imported once per machine."""
+    env = {**os.environ, **podman_env(workdir)}
+    if subprocess.run(["podman", "image", "exists", PODMAN_IMAGE], env=env).returncode == 0:
+        return PODMAN_IMAGE
+    tar = workdir / "rootfs.tar"
+    subprocess.run(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3.11", "bookworm", str(tar)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(["podman", "import", "--quiet", str(tar), PODMAN_IMAGE], check=True, env=env,
+                   capture_output=True, timeout=300)
+    tar.unlink()
+    return PODMAN_IMAGE
+
+
+def podman_containers(env: dict[str, str] | None = None) -> list[str]:
+    """Every container Podman knows of (running or not): `podman ps -a`."""
+    out = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}} {{.Labels}} {{.Status}}"],
+                         env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=60)
+    return [ln for ln in out.stdout.splitlines() if ln.strip()]

@@ -37,12 +37,12 @@ from aitrain.launcher.backends.api import (
     Request,
     read_outcome,
 )
-from aitrain.launcher.job import JobSpec
+from aitrain.launcher.container import agent_argv, agent_container, check_ready, remove_containers
+from aitrain.launcher.job import JobSpec, user_program
 from aitrain.launcher.node.services import services_options
 from aitrain.launcher.pipeline import NodeSet, Preflight, record, run_preflight
 from aitrain.launcher.redact import redact_argv, redact_value
 from aitrain.launcher.resources import NodePlan, format_cpus, plan_node
-from aitrain.launcher.supervise import trampoline_argv
 from aitrain.launcher.util import free_port, process_alive, process_start
 
 TORCH_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -90,6 +90,9 @@ class LocalRequest(Request):
             f"command: {shlex.join(redact_argv(list(spec.argv)))}",
             f"cwd:     {spec.cwd}",
         ]
+        if spec.container is not None:
+            lines += spec.container.describe()
+            lines.append(f"    each rank: {shlex.join(redact_argv(agent_argv(spec, self.env)))}")
         if self.preflight is not None and self.preflight.findings:
             lines.append(f"preflight: {describe_findings(self.preflight)}")
         cpu_sets = self.node.cpu_sets if self.node else []
@@ -146,6 +149,9 @@ class LocalBackend(Backend):
                                "set nproc_per_node=1 or more")
         req: LocalRequest = LocalRequest.of(spec)
         req.tags["nodes"] = socket.gethostname()
+        if spec.container is not None:  # the runtime, the image and its Python, before anything starts
+            check_ready(spec.container, needs_aitrain=not user_program(spec.config))
+            req.tags["container.image"] = spec.container.image
         fabric = spec.config.fabric
         if fabric.check or fabric.tune:
             # This host is known now: probed (through the cache, storing nothing), checked and
@@ -190,7 +196,7 @@ class LocalBackend(Backend):
         env = dict(request.env)
         agent_req = AgentRequest(
             run_id=spec.name,
-            argv=trampoline_argv(list(spec.argv)) if spec.needs_trampoline else list(spec.argv),
+            argv=agent_argv(spec, env),
             nproc_per_node=spec.nproc_per_node,
             master_addr=request.master_addr,
             master_port=request.master_port,
@@ -205,8 +211,13 @@ class LocalBackend(Backend):
             services=services_options(spec, env),
             resources=request.node.to_dict() if request.node else {},
             cwd=str(spec.cwd),
+            container=agent_container(spec),
         )
-        return self.agent_factory().run(agent_req).outcome()
+        try:
+            return self.agent_factory().run(agent_req).outcome()
+        finally:
+            if agent_req.container.get("runtime") == "podman":  # the agent was killed before it could
+                remove_containers(agent_req.container["label"])
 
     # -- jobs as processes on this machine --------------------------------------------------
 

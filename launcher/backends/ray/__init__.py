@@ -82,6 +82,8 @@ class RayRequest(Request):
                  "rendezvous = node 0's address on its tuned interface"]
         if o.runtime_env:
             lines.append(f"runtime_env: {json.dumps(redact_obj(o.runtime_env), sort_keys=True)}")
+        if spec.container is not None:
+            lines += spec.container.describe()
         lines += [f"note: {n}" for n in self.notes]
         for s in rank_slots(spec.nnodes, spec.nproc_per_node):
             lines.append(f"rank {s.rank}: {s.node} local_rank {s.local_rank}  "

@@ -73,6 +73,19 @@ def worker_resources(opts: Any) -> dict[str, float]:
     return {k: v for k, v in res.items() if v}
 
 
+def actor_options(opts: Any, spec: Any) -> dict[str, Any]:
+    """Ray options of every rank actor: its resources, and the image it runs in
+    (``container.image``: ``runtime_env={"image_uri": ...}``, merged over the job's runtime_env)."""
+    res = worker_resources(opts)
+    custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
+    out: dict[str, Any] = {"num_cpus": res.get("CPU", 0), "num_gpus": res.get("GPU", 0),
+                           "resources": custom or None, "max_concurrency": 4, "max_restarts": 0}
+    plan = getattr(spec, "container", None)
+    if plan is not None:
+        out["runtime_env"] = plan.ray_runtime_env(opts.runtime_env)
+    return out
+
+
 def node_bundles(opts: Any, nnodes: int, nproc_per_node: int) -> list[dict[str, float]]:
     per_worker = worker_resources(opts)
     if not per_worker:
@@ -177,12 +190,9 @@ class RankGroup:
         from aitrain.launcher.backends.ray.worker import RankActor
 
         remote = self.ray.remote(RankActor)
-        res = worker_resources(self.opts)
-        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         for s in self.slots:
             self.actors.append(remote.options(
-                num_cpus=res.get("CPU", 0), num_gpus=res.get("GPU", 0), resources=custom or None,
-                max_concurrency=4, max_restarts=0,
+                **actor_options(self.opts, self.spec),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=s.node_rank),
             ).remote(s.rank, s.node_rank, s.node, s.local_rank, dict(self.env), True, self.warm_imports()))

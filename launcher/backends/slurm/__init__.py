@@ -45,9 +45,10 @@ from aitrain.launcher.backends.api import (
 from aitrain.launcher.backends.local import follow_files, rank_log
 from aitrain.launcher.backends.slurm.sbatch import render_sbatch
 from aitrain.launcher.config import JobConfig
+from aitrain.launcher.container import agent_argv, agent_container, check_ready
 from aitrain.launcher.environment import SlurmEnvironment, detect
 from aitrain.launcher.failures import RankExit, describe, exit_code_of, failures
-from aitrain.launcher.job import JobSpec
+from aitrain.launcher.job import JobSpec, user_program
 from aitrain.launcher.pipeline import AgentNodes, run_preflight
 from aitrain.launcher.preemption import ENV as PREEMPT_ENV
 from aitrain.launcher.preemption import MARKER as PREEMPTED_MARKER
@@ -120,9 +121,10 @@ class SbatchRequest(Request):
     def __str__(self) -> str:
         from aitrain.launcher.redact import redact_argv
 
+        image = "".join(f"\n{line}" for line in self.spec.container.describe()) if self.spec.container else ""
         return (f"backend: slurm (submit with sbatch; on submission the script is written to "
                 f"{self.script_path})\nranks run: {shlex.join(redact_argv(list(self.spec.argv)))}    "
-                f"# on every node, in {self.spec.cwd}\n--- sbatch script ---\n{self.script}")
+                f"# on every node, in {self.spec.cwd}{image}\n--- sbatch script ---\n{self.script}")
 
 
 @dataclass
@@ -141,9 +143,13 @@ class AllocationRequest(Request):
                  f"agents:  {shlex.join(self.srun)}",
                  f"command: {shlex.join(redact_argv(list(self.spec.argv)))}",
                  f"cwd:     {self.spec.cwd}"]
+        if self.spec.container is not None:
+            lines += self.spec.container.describe()
         for node, a in zip(self.slurm.nodes, self.agents, strict=False):
             lines.append(f"node {node} (node_rank {a.node_rank}): rendezvous {a.master_addr}:{a.master_port}, "
                          f"{a.nproc_per_node} ranks")
+            if self.spec.container is not None and self.spec.container.wraps_ranks:
+                lines.append(f"    each rank: {shlex.join(redact_argv(a.argv))}")
             for k in sorted(a.env):
                 reason = self.env_reasons.get(k, "")
                 lines.append(f"    {k}={redact_value(k, a.env[k])}" + (f"    # {reason}" if reason else ""))
@@ -330,6 +336,10 @@ class SlurmBackend(Backend):
 
     def _agents_srun(self, spec: JobSpec, slurm: SlurmEnvironment, extra: Sequence[str] = ()) -> list[str]:
         """The step that starts one node agent per node (reading their requests from agents.json)."""
+        plan = spec.container
+        if plan is not None and plan.runtime == "pyxis":  # agents and ranks in the image (Pyxis's srun flags)
+            return self.srun(slurm, [*extra, *plan.srun_flags()]) + [
+                plan.python, "-m", "aitrain.launcher.agent", "--slurm", str(spec.run_dir / "agents.json")]
         return self.srun(slurm, extra) + [self.python, "-m", "aitrain.launcher.agent", "--slurm",
                                           str(spec.run_dir / "agents.json")]
 
@@ -339,6 +349,8 @@ class SlurmBackend(Backend):
             raise BackendError("aitrain launch backend=slurm is running inside a job step (srun)",
                                "run it in the batch script or the salloc shell, not under srun")
         check_allocation(spec, slurm)
+        if spec.container is not None:  # on the batch host, one of the job's nodes
+            check_ready(spec.container, needs_aitrain=not user_program(spec.config))
         req: AllocationRequest = AllocationRequest.of(spec, slurm=slurm)
         # Ranks checkpoint and stop on Slurm's pre-time-limit signal (launcher/preemption.py).
         req.env[PREEMPT_ENV] = self.opts.signal
@@ -358,8 +370,6 @@ class SlurmBackend(Backend):
         from aitrain.launcher.node.services import services_options
         from aitrain.launcher.preemption import agent_grace_s
         from aitrain.launcher.resources import plan_node
-        from aitrain.launcher.supervise import trampoline_argv
-
         spec = req.spec
         resources: dict[str, Any] = {}
         if spec.resources.active:
@@ -367,7 +377,6 @@ class SlurmBackend(Backend):
                              metrics_file=spec.metrics_file)
             plan.cpu_sets = []  # each node's agent works out its own from its own CPUs
             resources = plan.to_dict()
-        argv = trampoline_argv(list(spec.argv)) if spec.needs_trampoline else list(spec.argv)
         reqs = []
         for i, node in enumerate(slurm.nodes):
             env = dict(req.env)
@@ -375,7 +384,8 @@ class SlurmBackend(Backend):
             env["AITRAIN_NODE"] = node
             reqs.append(AgentRequest(
                 run_id=f"{spec.name}-{slurm.job_id}-{slurm.restart_count}",
-                argv=argv,
+                argv=agent_argv(spec, env, i),
+                container=agent_container(spec, i),
                 nproc_per_node=spec.nproc_per_node,
                 master_addr=rendezvous,
                 master_port=port,
