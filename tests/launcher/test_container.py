@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from aitrain.launcher.container import ContainerPlan, Mount, insert_cgroup_parent
+
 from aitrain_testing import (
     aitrain_argv,
     podman_containers,
@@ -29,15 +31,14 @@ from aitrain_testing import (
     wait_until,
 )
 
-from aitrain.launcher.container import ContainerPlan, Mount, insert_cgroup_parent
-
 RUN = Path("/runs/r1")
 LAUNCH = Path("/home/u/proj")
 
 
 def _plan(runtime: str, **kw: object) -> ContainerPlan:
     base: dict = dict(runtime=runtime, image="nvcr.io#nvidia/pytorch:24.05-py3", python="python",
-                      mounts=[Mount(str(RUN), str(RUN)), Mount(str(LAUNCH), str(LAUNCH)), Mount("/data", "/data", True)],
+                      mounts=[Mount(str(RUN), str(RUN)), Mount(str(LAUNCH), str(LAUNCH)),
+                              Mount("/data", "/data", True)],
                       workdir=str(LAUNCH), env=["HF_TOKEN"], job="aitrain-x-1234abcd")
     base.update(kw)
     return ContainerPlan(**base)  # type: ignore[arg-type]
@@ -117,7 +118,8 @@ def test_a_ranks_podman_run_is_put_under_the_jobs_cgroup() -> None:
     ("container.runtime=docker", "container.runtime='docker' is not one of auto, podman, pyxis, apptainer"),
     ("container.runtime=pyxis", "container.runtime=pyxis needs backend=slurm"),
     ("container.mounts=[/nonexistent-src:/x]", "container.mounts: /nonexistent-src does not exist on this host"),
-    ("container.mounts=[/tmp:relative]", "container.mounts: '/tmp:relative': the path inside the container must be absolute"),
+    ("container.mounts=[/tmp:relative]",
+     "container.mounts: '/tmp:relative': the path inside the container must be absolute"),
     ("container.env=[bad-name]", "container.env: 'bad-name' is not an environment variable name"),
 ])
 def test_bad_container_settings_are_one_line_before_anything_starts(override: str, error: str,
@@ -216,7 +218,7 @@ def test_the_tuned_env_binding_and_cgroup_reach_the_ranks_and_the_dry_run_shows_
     dry = run_aitrain([*args[:-2], "dry_run=true", *args[-2:]], tmp_path, env=env)
     assert dry.returncode == 0, dry.stderr
     line = next(ln for ln in dry.stdout.splitlines() if "each rank:" in ln)
-    assert f"podman run --rm --init --network=host --ipc=host" in line and image in line
+    assert "podman run --rm --init --network=host --ipc=host" in line and image in line
     assert "--env=MY_SECRET" in line and "s3cr3t" not in dry.stdout
     r = run_aitrain(args, tmp_path, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
