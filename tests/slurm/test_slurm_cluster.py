@@ -302,3 +302,42 @@ def test_torchrun_command_shape_through_the_batch_rerun(tmp_path: Path, env: dic
     assert {s["cwd"] for s in seen} == {str(tmp_path)} and {s["role"] for s in seen} == {"default"}
     runs, _ = mlflow_runs(tmp_path)
     assert [r.info.run_id for r in runs] == [seen[0]["mlflow_run"]] == [seen[1]["mlflow_run"]]
+
+
+CONTAINER_PROBE = """\
+import os
+import torch
+import torch.distributed as dist
+print(f"rank {os.environ['RANK']} on {os.environ.get('AITRAIN_NODE')} container={os.path.exists('/run/.containerenv')} "
+      f"gloo={os.environ.get('GLOO_SOCKET_IFNAME')}", flush=True)
+dist.init_process_group("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+print(f"rank {os.environ['RANK']} all_reduce={t.item():g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_two_node_job_whose_node_agents_start_their_ranks_under_podman(tmp_path: Path, env: dict[str, str]) -> None:
+    """The fabric preflight runs on each node's host; each node agent starts its rank with
+    `podman run --network=host` in that node's namespace; gloo crosses the nodes on the tuned
+    interface; nothing is left in `podman ps -a`."""
+    from aitrain_testing import podman_containers, podman_env, podman_image, podman_unavailable
+
+    if podman_unavailable():
+        pytest.skip(podman_unavailable())
+    env = {**env, **podman_env(tmp_path / "podman")}
+    image = podman_image(tmp_path)
+    (tmp_path / "probe.py").write_text(CONTAINER_PROBE)
+    handle = submit(["script=probe.py", "tracking=none", "nproc_per_node=1", f"container.image={image}",
+                     "container.python=host", "container.runtime=podman"], tmp_path, env)
+    st = wait_done(handle, tmp_path, env, timeout=240)
+    out = job_output(st)
+    assert st["state"] == "SUCCEEDED", out
+    for rank, node in ((0, "node1"), (1, "node2")):
+        assert f"rank {rank} on {node} container=True gloo=fab0" in out, out
+        assert f"rank {rank} all_reduce=2" in out, out
+    agents = json.loads((Path(st["run_dir"]) / "agents.json").read_text())
+    assert [a["argv"][4:6] for a in agents] == [["podman", "run"]] * 2  # the trampoline, then podman
+    assert [a["container"]["label"].rsplit(".", 1)[1] for a in agents] == ["0", "1"]
+    assert podman_containers(env) == []
