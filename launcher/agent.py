@@ -37,6 +37,7 @@ from aitrain.launcher.util import write_atomic
 
 if TYPE_CHECKING:
     from aitrain.launcher.backends.api import Outcome
+    from aitrain.launcher.zygote import Zygote
 
 
 @dataclass
@@ -62,6 +63,7 @@ class AgentRequest:
     resources: dict[str, Any] = field(default_factory=dict)  # NodePlan: binding, cgroup, profiler (resources.py)
     cwd: str = ""  # where the ranks run (default: the agent's own directory)
     container: dict[str, Any] = field(default_factory=dict)  # runtime, label, mkdirs (launcher/container.py)
+    fork_server: bool = False  # start the ranks from the agent's zygote (launcher/zygote.py) where it can
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -98,10 +100,16 @@ class AgentResult(NodeResult):
         return Outcome(state, self.exit_code or 1, self.message, self.hint, tuple(self.ranks))
 
 
-def run_agent(req: AgentRequest) -> AgentResult:
-    """Run the ranks of one node under torch's elastic agent (blocks until they end)."""
+def run_agent(req: AgentRequest, zygote: Zygote | None = None) -> AgentResult:
+    """Run the ranks of one node under torch's elastic agent (blocks until they end);
+    with a ``zygote`` (launcher/zygote.py), ranks it can run are forked from it."""
     from aitrain.launcher.node.services import NodeServices
+    from aitrain.launcher.zygote import forkable
 
+    if zygote is not None and req.fork_server and forkable(req.argv):
+        req = replace(req, argv=zygote.wrap(req.argv), env={**req.env, **zygote.env()})
+    elif zygote is not None:
+        zygote.stop()
     # Rank log files and console, system metrics and the hang watchdog of this node.
     with NodeServices(req) as services:
         result = _run_elastic(req, services)
@@ -445,19 +453,29 @@ def main(argv: list[str] | None = None) -> int:
     from aitrain.launcher.supervise import die_with_parent
 
     _install_preemption_forwarding()
+    zygote = None
     if not argv:
         die_with_parent()
         import torch.distributed.launcher.api  # noqa: F401  (the slow part, done while waiting)
 
+        from aitrain.launcher.zygote import Zygote
+
+        zygote = Zygote.start()  # now: torch is imported and no thread runs yet
         line = sys.stdin.readline()
         if not line.strip():
+            if zygote is not None:
+                zygote.stop()
             return 0  # abandoned: the launch failed before it needed us
         req = AgentRequest(**json.loads(line))
     elif argv[0] == "--slurm":
         req = _slurm_request(argv[1])
     else:
         req = AgentRequest(**json.loads(Path(argv[0]).read_text()))
-    result = run_agent(req)
+    try:
+        result = run_agent(req, zygote)
+    finally:
+        if zygote is not None:
+            zygote.stop()
     try:
         result.write(Path(req.result_file))
     except OSError as e:

@@ -212,6 +212,8 @@ class LocalBackend(Backend):
             resources=request.node.to_dict() if request.node else {},
             cwd=str(spec.cwd),
             container=agent_container(spec),
+            # The built-in job (no trampoline, no container) is forked from the agent's zygote.
+            fork_server=not spec.needs_trampoline and spec.container is None,
         )
         try:
             return self.agent_factory().run(agent_req).outcome()

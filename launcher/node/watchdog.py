@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from aitrain.launcher.progress import STACK_SIGNAL, read_record
+from aitrain.launcher.zygote import real_pid
 
 # Frames that mean "this rank waits for the others" (py-spy and faulthandler formats).
 _COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py", "torch/distributed/c10d_logger.py",
@@ -303,8 +304,8 @@ def rank_processes(parent: int | None = None, proc: Path = Path("/proc")) -> dic
                        if "=" in item)
         except (OSError, ValueError, IndexError):
             continue
-        if "RANK" in env:
-            out[int(d.name)] = {"RANK": env["RANK"], "LOCAL_RANK": env.get("LOCAL_RANK", "")}
+        if "RANK" in env:  # a rank forked by the agent's zygote: the rank, not its client
+            out[real_pid(int(d.name), env)] = {"RANK": env["RANK"], "LOCAL_RANK": env.get("LOCAL_RANK", "")}
     return out
 
 

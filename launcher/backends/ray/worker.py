@@ -19,7 +19,6 @@ with ``ray.remote`` when the backend is used.
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import signal
 import socket
@@ -30,6 +29,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from aitrain.launcher.warm import STARTUP_VARS, WARM_IMPORTS, run_here, warm_compatible  # noqa: F401
 
 MAX_BUFFERED_LINES = 20000  # lines kept for the driver; older ones are only in the rank's log file
 TAIL_LINES = 30  # lines kept for the error message when the rank fails
@@ -352,13 +353,7 @@ class RankActor:
 # -- the warm interpreter ------------------------------------------------------------------
 
 WARM_IMPORTS_ENV = "AITRAIN_WARM_IMPORTS"
-DEFAULT_WARM_IMPORTS = "torch,torch.distributed,torch._dynamo"
-
-# Variables a Python or torch process reads when it starts (or imports torch): if the rank's
-# final env changes one of them, the rank is started fresh instead of from the warm one.
-STARTUP_VARS = re.compile(r"^(PYTHON\w*|LD_\w+|TORCH_CPP_LOG_LEVEL|TORCH_SHOW_CPP_STACKTRACES|TORCH_LOGS|"
-                          r"MKL_\w+|KMP_\w+|GOMP_\w+|OMP_(?!NUM_THREADS$)\w+|MALLOC_\w+|PATH)$")
-
+DEFAULT_WARM_IMPORTS = ",".join(WARM_IMPORTS)
 
 # Marks an entry of ``poll``'s lines that is the current state of a \r progress line.
 PROGRESS_MARK = "\x00progress\x00"
@@ -370,34 +365,11 @@ def _shown(raw: bytes) -> str:
     return next((seg for seg in reversed(text.split("\r")) if seg), "")
 
 
-def warm_compatible(argv: list[str], before: dict[str, str], after: dict[str, str]) -> bool:
-    """Whether ``argv`` can run in a warm interpreter started with env ``before``."""
-    if len(argv) < 2 or argv[0] != sys.executable or not _program(argv):
-        return False
-    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
-    return not any(STARTUP_VARS.match(k) for k in changed)
-
-
-def _program(argv: list[str]) -> tuple[str, str, list[str]] | None:
-    """(kind, target, args) of ``python [-u] (-m module | script) args...``, or None for anything else."""
-    i = 1
-    while i < len(argv) and argv[i] in ("-u",):
-        i += 1
-    if i >= len(argv):
-        return None
-    if argv[i] == "-m" and i + 1 < len(argv):
-        return "module", argv[i + 1], argv[i + 2:]
-    if argv[i].startswith("-"):
-        return None
-    return "script", argv[i], argv[i + 1:]
-
-
 def warm_main() -> int:
     """``python -m aitrain.launcher.backends.ray.worker --warm``: import torch, then run the rank program
     the actor sends on stdin (``{"argv", "env", "cwd"}``) as ``python`` would."""
     import importlib
     import json
-    import runpy
     import select
 
     # The slow part, done while the driver probes and tunes: torch, then (unless the rank's
@@ -413,41 +385,7 @@ def warm_main() -> int:
     if not line.strip():
         return 0  # discarded
     req = json.loads(line)
-    argv, env = req["argv"], req["env"]
-    os.environ.clear()
-    os.environ.update(env)  # the rank's env (without AITRAIN_WARM_IMPORTS)
-    os.chdir(req["cwd"])
-    if env.get("OMP_NUM_THREADS", "").isdigit() and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))  # torch read it at import
-    prog = _program(argv)
-    if prog is None:
-        os.execve(argv[0], argv, env)
-    kind, target, args = prog
-    sys.argv = [target, *args]
-    sys.path[0] = os.getcwd() if kind == "module" else os.path.dirname(os.path.abspath(target))
-    import warnings
-
-    # The warm-up imported the module: runpy's "found in sys.modules" warning is expected here.
-    warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package",
-                            category=RuntimeWarning)
-    try:
-        if kind == "module":
-            runpy.run_module(target, run_name="__main__", alter_sys=True)
-        else:
-            runpy.run_path(target, run_name="__main__")
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as e:  # what `python prog` prints: the traceback from the program on
-        import traceback
-
-        tb = e.__traceback__
-        skip = {__file__, runpy.__file__, "<frozen runpy>"}
-        while tb is not None and tb.tb_frame.f_code.co_filename in skip:
-            tb = tb.tb_next
-        traceback.print_exception(type(e), e, tb or e.__traceback__)
-        return 1
-    return 0
-
+    return run_here(req["argv"], req["env"], req["cwd"])  # the rank's env (without AITRAIN_WARM_IMPORTS)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--warm"]:
