@@ -8,7 +8,9 @@ its first step line. Repetitions are interleaved so drift hits both alike.
 
     python bench/first_step.py [--reps 5] [--nproc 2]
 
-Target: aitrain <= 1.15x torchrun (median).
+Target: aitrain <= 0.8x torchrun (median): the ranks are forked from the node agent's
+zygote, which has imported torch while Hydra composed the job (launcher/zygote.py).
+`AITRAIN_FORK_SERVER=0` in the environment measures fresh rank interpreters instead.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def main() -> int:
     ma, mt = statistics.median(a), statistics.median(t)
     ratio = ma / mt
     print(f"median time to first optimizer step: aitrain {ma:.2f}s, torchrun {mt:.2f}s, ratio {ratio:.3f} "
-          f"(target <= 1.15): {'OK' if ratio <= 1.15 else 'ABOVE TARGET'}")
+          f"(target <= 0.8): {'OK' if ratio <= 0.8 else 'ABOVE TARGET'}")
     return 0
 
 

@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from aitrain.launcher.zygote import Zygote
 
-        zygote = Zygote.start()  # now: torch is imported and no thread runs yet
+        # Now: torch is imported and no thread runs yet.
+        zygote = Zygote.start(close_fds=[int(result_fd)] if result_fd.isdigit() else [])
         line = sys.stdin.readline()
         if not line.strip():
             if zygote is not None:
@@ -469,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
         req = AgentRequest(**json.loads(line))
     elif argv[0] == "--slurm":
         req = _slurm_request(argv[1])
+        if req.fork_server:
+            import torch.distributed.launcher.api  # noqa: F401, I001  (before the zygote forks from here)
+
+            from aitrain.launcher.zygote import Zygote
+
+            zygote = Zygote.start()
     else:
         req = AgentRequest(**json.loads(Path(argv[0]).read_text()))
     try:

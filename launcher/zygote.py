@@ -91,8 +91,9 @@ class Zygote:
         self.pid = 0
 
     @classmethod
-    def start(cls) -> Zygote | None:
-        """Fork the zygote now (the caller has imported torch and runs no other thread)."""
+    def start(cls, close_fds: Sequence[int] = ()) -> Zygote | None:
+        """Fork the zygote now (the caller has imported torch and runs no other thread);
+        ``close_fds``: the caller's descriptors the zygote must not hold open (a result pipe)."""
         import threading
 
         if not enabled() or threading.active_count() != 1:
@@ -105,6 +106,8 @@ class Zygote:
         if pid == 0:
             code = 0
             try:
+                for fd in close_fds:
+                    os.close(fd)
                 _serve(listener)
             except BaseException:  # noqa: BLE001 - nothing may escape a forked process
                 code = 1
@@ -168,8 +171,10 @@ def _serve(listener: socket.socket) -> None:
 
     _ZYGOTE_ENV.update(os.environ)
     set_parent_death_signal(signal.SIGKILL)  # dies with the agent; its children die with it
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)  # the agent forwards these to its children: ranks, not this
+    # The agent forwards signals to its children, and its process group may get them: they are
+    # for the ranks (through their clients). The zygote ends by SIGKILL (stop, parent death).
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
     for name in PRELOAD:
         try:
             __import__(name)

@@ -386,6 +386,7 @@ class SlurmBackend(Backend):
                 run_id=f"{spec.name}-{slurm.job_id}-{slurm.restart_count}",
                 argv=agent_argv(spec, env, i),
                 container=agent_container(spec, i),
+                fork_server=not spec.needs_trampoline and spec.container is None,
                 nproc_per_node=spec.nproc_per_node,
                 master_addr=rendezvous,
                 master_port=port,
