@@ -160,6 +160,7 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
         local_addr=req.master_addr if req.nnodes == 1 else None,
         shutdown_timeout=req.shutdown_timeout,
     )
+    _tolerate_unreadable_error_files()
     try:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
@@ -262,6 +263,40 @@ def rank_exits(failures: dict[int, Any], ranks: Any, services: Any, node: str = 
     if oom_reason and not oom_ranks:
         exits = [replace(e, error=e.error or oom_reason) if e.failed else e for e in exits]
     return root_cause_first(exits)
+
+
+def _tolerate_unreadable_error_files() -> None:
+    """Make torch read a rank's error file that does not parse as no error file at all.
+
+    ``@record`` writes TORCHELASTIC_ERROR_FILE in the run dir; on a disk that just filled up
+    it is left empty or cut off, and torch's agent raises while reading it (json.load in
+    ``ProcessFailure.__post_init__``), losing every rank's failure. Treated as missing, the
+    rank's failure is reported from its stderr, as for a rank without ``@record``.
+    """
+    from torch.distributed.elastic.multiprocessing import errors
+
+    cls = errors.ProcessFailure
+    if getattr(cls.__post_init__, "aitrain_tolerant", False):
+        return
+    read = cls.__post_init__
+
+    def post_init(self: Any) -> None:
+        if os.path.isfile(self.error_file) and not _error_file_readable(self):
+            self.error_file = errors._NOT_AVAILABLE  # what torch sets when a rank wrote none
+        read(self)
+
+    post_init.aitrain_tolerant = True  # type: ignore[attr-defined]
+    cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+
+def _error_file_readable(failure: Any) -> bool:
+    """Whether torch can read ``failure.error_file``: JSON with the message torch looks for."""
+    try:
+        with open(failure.error_file) as f:
+            failure._get_error_data(json.load(f))
+        return True
+    except Exception:  # noqa: BLE001 - whatever torch would raise on reading it
+        return False
 
 
 def _error_file(failure: object) -> tuple[str, str]:
