@@ -15,6 +15,7 @@ request (the launch was abandoned, e.g. a config error).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from aitrain.launcher.failures import (
     exit_from_status,
     root_cause_first,
 )
-from aitrain.launcher.util import write_atomic
+from aitrain.launcher.util import STORAGE_ERRNOS, write_atomic
 
 if TYPE_CHECKING:
     from aitrain.launcher.backends.api import Outcome
@@ -187,12 +188,15 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     return AgentResult(True, node=node_name)
 
 
-_STORAGE_ERRORS = (("No space left on device", "the disk is full: free space there (df -h {path}) or set "
-                                              "run_root=/checkpoint.dir= on another filesystem"),
-                   ("Disk quota exceeded", "the disk quota is used up: free space there or raise the quota"),
-                   ("Input/output error", "the storage failed (EIO): check the filesystem ({path}) and its server"),
-                   ("Read-only file system", "the filesystem is read-only: set run_root=/checkpoint.dir= elsewhere"),
-                   ("Permission denied", "permission denied: check the path's owner and mode (ls -ld {path})"))
+# What to do about each of STORAGE_ERRNOS, found by its text (os.strerror) in the rank's output.
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there (df -h {path}) or set run_root=/checkpoint.dir= on another "
+                  "filesystem",
+    errno.EDQUOT: "the disk quota is used up: free space there or raise the quota",
+    errno.EIO: "the storage failed (EIO): check the filesystem ({path}) and its server",
+    errno.EROFS: "the filesystem is read-only: set run_root=/checkpoint.dir= elsewhere",
+    errno.EACCES: "permission denied: check the path's owner and mode (ls -ld {path})",
+}
 
 
 def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
@@ -211,10 +215,10 @@ def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
             pass
     for e in exits[:1]:  # the root cause
         text = " ".join([e.error, *e.tail[-3:]])
-        for needle, hint in _STORAGE_ERRORS:
-            if needle in text:
+        for code in STORAGE_ERRNOS:
+            if os.strerror(code) in text:
                 m = re.search(r"\[Errno \d+\] [^:]+: '([^']+)'", text) or re.search(r" under (/\S+)", text)
-                return hint.format(path=m.group(1) if m else "the run dir")
+                return _STORAGE_HINTS[code].format(path=m.group(1) if m else "the run dir")
     return ""
 
 

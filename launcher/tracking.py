@@ -56,7 +56,7 @@ from typing import Any
 from aitrain.launcher.metrics import read_new
 from aitrain.launcher.mlflow_sqlite import Metric, MlflowStore, Param, RunTag, create_store, embedded_store
 from aitrain.launcher.redact import redact_mapping, redact_obj, redact_text, redact_uri, strip_uri_credentials
-from aitrain.launcher.util import os_error_text, write_atomic
+from aitrain.launcher.util import STORAGE_ERRNOS, os_error_text, write_atomic
 
 log = logging.getLogger("aitrain.tracking")
 
@@ -751,12 +751,9 @@ def experiment_id(client: Any, uri: str, name: str) -> str:
 
 def storage_fault(e: BaseException) -> str:
     """``disk full (ENOSPC)`` when ``e`` (or what caused it) is a storage fault, else ''."""
-    import errno
-
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
-                                                        errno.EACCES):
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             return os_error_text(seen)
         text = str(seen).lower()
         for needle, what in (("database or disk is full", "disk full (ENOSPC)"),
