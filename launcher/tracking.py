@@ -653,9 +653,9 @@ class Tracker:
     def _finish_run(self, client: Any, run_id: str) -> None:
         now = int(time.time() * 1000)
         summary = []
-        steps = _column(self.metrics_file, "step_time_s")
-        tokens = _column(self.metrics_file, "tokens_per_s")
-        mfu = _column(self.metrics_file, "mfu")
+        steps = metric_column(self.metrics_file, "step_time_s")
+        tokens = metric_column(self.metrics_file, "tokens_per_s")
+        mfu = metric_column(self.metrics_file, "mfu")
         if not mfu and tokens and (scale := self._mfu_scale()):
             mfu = [t * scale for t in tokens]
         for key, values in (("phase/steady_step_s", steps), ("steady/tokens_per_s", tokens), ("steady/mfu", mfu)):
@@ -824,6 +824,8 @@ def _metrics_of(rec: dict[str, Any], metric_cls: Any, mfu_scale: float | None) -
     return out
 
 
-def _column(path: Path, key: str) -> list[float]:
+def metric_column(path: Path, key: str) -> list[float]:
+    """``key``'s numbers in a metrics.jsonl, in the order they were logged (a bool is no number)."""
     records, _ = read_new(path, 0)
-    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [float(r[key]) for r in records
+            if isinstance(r, dict) and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
