@@ -407,9 +407,9 @@ class Tracker:
                 if final:
                     return
             except Exception as e:
+                storage = storage_fault(e)
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    storage = storage_fault(e)
                     if storage:  # a full or failing disk under the store, not an unreachable server
                         self.error = f"the MLflow store at {redact_text(self.uri)}: {storage}"
                         print(f"aitrain: {self.error}; training goes on, metrics stay spooled in {self.run_dir} "
@@ -419,7 +419,7 @@ class Tracker:
                               f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
                               flush=True)
                 backoff = min(max(backoff * 2, 1.0), 15.0)
-                if final and storage_fault(e):
+                if final and storage:
                     return  # a disk that failed now will not mend while the job's end waits: spooled for sync
                 if final and self._finished_at is not None and \
                         time.monotonic() - self._finished_at + backoff > self.drain_timeout_s:
