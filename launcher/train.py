@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in STORAGE_ERRNOS:
             raise
         # A full or failing disk: @record's error file (on the same disk) would be written
-        # half and break the agent that reads it. The traceback goes to this rank's log; its
-        # last line (the errno and the path) is what the launch reports.
+        # half, and the agent would read it as none (launcher/agent.py). The traceback goes
+        # to this rank's log; its last line (the errno and the path) is what the launch reports.
         traceback.print_exc()
         raise SystemExit(1) from None
     return 0
