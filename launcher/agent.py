@@ -15,6 +15,7 @@ request (the launch was abandoned, e.g. a config error).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from aitrain.launcher.failures import (
     exit_from_status,
     root_cause_first,
 )
-from aitrain.launcher.util import write_atomic
+from aitrain.launcher.util import STORAGE_ERRNOS, write_atomic
 
 if TYPE_CHECKING:
     from aitrain.launcher.backends.api import Outcome
@@ -168,6 +169,7 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
         local_addr=req.master_addr if req.nnodes == 1 else None,
         shutdown_timeout=req.shutdown_timeout,
     )
+    _tolerate_unreadable_error_files()
     try:
         launch_agent(config, req.argv[0], list(req.argv[1:]))
     except ChildFailedError as e:
@@ -194,12 +196,15 @@ def _run_elastic(req: AgentRequest, services: Any) -> AgentResult:
     return AgentResult(True, node=node_name)
 
 
-_STORAGE_ERRORS = (("No space left on device", "the disk is full: free space there (df -h {path}) or set "
-                                              "run_root=/checkpoint.dir= on another filesystem"),
-                   ("Disk quota exceeded", "the disk quota is used up: free space there or raise the quota"),
-                   ("Input/output error", "the storage failed (EIO): check the filesystem ({path}) and its server"),
-                   ("Read-only file system", "the filesystem is read-only: set run_root=/checkpoint.dir= elsewhere"),
-                   ("Permission denied", "permission denied: check the path's owner and mode (ls -ld {path})"))
+# What to do about each of STORAGE_ERRNOS, found by its text (os.strerror) in the rank's output.
+_STORAGE_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there (df -h {path}) or set run_root=/checkpoint.dir= on another "
+                  "filesystem",
+    errno.EDQUOT: "the disk quota is used up: free space there or raise the quota",
+    errno.EIO: "the storage failed (EIO): check the filesystem ({path}) and its server",
+    errno.EROFS: "the filesystem is read-only: set run_root=/checkpoint.dir= elsewhere",
+    errno.EACCES: "permission denied: check the path's owner and mode (ls -ld {path})",
+}
 
 
 def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
@@ -218,10 +223,10 @@ def storage_hint(exits: list[RankExit], run_dir: Path | None = None) -> str:
             pass
     for e in exits[:1]:  # the root cause
         text = " ".join([e.error, *e.tail[-3:]])
-        for needle, hint in _STORAGE_ERRORS:
-            if needle in text:
+        for code in STORAGE_ERRNOS:
+            if os.strerror(code) in text:
                 m = re.search(r"\[Errno \d+\] [^:]+: '([^']+)'", text) or re.search(r" under (/\S+)", text)
-                return hint.format(path=m.group(1) if m else "the run dir")
+                return _STORAGE_HINTS[code].format(path=m.group(1) if m else "the run dir")
     return ""
 
 
@@ -270,6 +275,40 @@ def rank_exits(failures: dict[int, Any], ranks: Any, services: Any, node: str = 
     if oom_reason and not oom_ranks:
         exits = [replace(e, error=e.error or oom_reason) if e.failed else e for e in exits]
     return root_cause_first(exits)
+
+
+def _tolerate_unreadable_error_files() -> None:
+    """Make torch read a rank's error file that does not parse as no error file at all.
+
+    ``@record`` writes TORCHELASTIC_ERROR_FILE in the run dir; on a disk that just filled up
+    it is left empty or cut off, and torch's agent raises while reading it (json.load in
+    ``ProcessFailure.__post_init__``), losing every rank's failure. Treated as missing, the
+    rank's failure is reported from its stderr, as for a rank without ``@record``.
+    """
+    from torch.distributed.elastic.multiprocessing import errors
+
+    cls = errors.ProcessFailure
+    if getattr(cls.__post_init__, "aitrain_tolerant", False):
+        return
+    read = cls.__post_init__
+
+    def post_init(self: Any) -> None:
+        if os.path.isfile(self.error_file) and not _error_file_readable(self):
+            self.error_file = errors._NOT_AVAILABLE  # what torch sets when a rank wrote none
+        read(self)
+
+    post_init.aitrain_tolerant = True  # type: ignore[attr-defined]
+    cls.__post_init__ = post_init  # type: ignore[method-assign]
+
+
+def _error_file_readable(failure: Any) -> bool:
+    """Whether torch can read ``failure.error_file``: JSON with the message torch looks for."""
+    try:
+        with open(failure.error_file) as f:
+            failure._get_error_data(json.load(f))
+        return True
+    except Exception:  # noqa: BLE001 - whatever torch would raise on reading it
+        return False
 
 
 def _error_file(failure: object) -> tuple[str, str]:

@@ -60,17 +60,15 @@ def reduce(values: list[float], mode: str) -> float:
 
 def logged_values(run_dir: Path, key: str, uri: str | None) -> list[float]:
     """``key``'s values in step order: rank 0's metrics.jsonl, else the job's MLflow run."""
-    from aitrain.launcher.metrics import iter_records
+    from aitrain.launcher.tracking import metric_column, open_client
 
-    values = [float(r[key]) for r in iter_records(run_dir / "metrics.jsonl")
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    values = metric_column(run_dir / "metrics.jsonl", key)
     if values or uri is None:
         return values
     try:
         run_id = (run_dir / "mlflow_run_id").read_text().strip()
     except OSError:
         return []
-    from aitrain.launcher.tracking import open_client
 
     return [m.value for m in open_client(uri).get_metric_history(run_id, key)]
 

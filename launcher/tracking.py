@@ -56,7 +56,7 @@ from typing import Any
 from aitrain.launcher.metrics import read_new
 from aitrain.launcher.mlflow_sqlite import Metric, MlflowStore, Param, RunTag, create_store, embedded_store
 from aitrain.launcher.redact import redact_mapping, redact_obj, redact_text, redact_uri, strip_uri_credentials
-from aitrain.launcher.util import os_error_text, write_atomic
+from aitrain.launcher.util import STORAGE_ERRNOS, os_error_text, write_atomic
 
 log = logging.getLogger("aitrain.tracking")
 
@@ -407,9 +407,9 @@ class Tracker:
                 if final:
                     return
             except Exception as e:
+                storage = storage_fault(e)
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                    storage = storage_fault(e)
                     if storage:  # a full or failing disk under the store, not an unreachable server
                         self.error = f"the MLflow store at {redact_text(self.uri)}: {storage}"
                         print(f"aitrain: {self.error}; training goes on, metrics stay spooled in {self.run_dir} "
@@ -419,7 +419,7 @@ class Tracker:
                               f"({type(e).__name__}); training goes on, metrics stay spooled in {self.run_dir}",
                               flush=True)
                 backoff = min(max(backoff * 2, 1.0), 15.0)
-                if final and storage_fault(e):
+                if final and storage:
                     return  # a disk that failed now will not mend while the job's end waits: spooled for sync
                 if final and self._finished_at is not None and \
                         time.monotonic() - self._finished_at + backoff > self.drain_timeout_s:
@@ -653,9 +653,9 @@ class Tracker:
     def _finish_run(self, client: Any, run_id: str) -> None:
         now = int(time.time() * 1000)
         summary = []
-        steps = _column(self.metrics_file, "step_time_s")
-        tokens = _column(self.metrics_file, "tokens_per_s")
-        mfu = _column(self.metrics_file, "mfu")
+        steps = metric_column(self.metrics_file, "step_time_s")
+        tokens = metric_column(self.metrics_file, "tokens_per_s")
+        mfu = metric_column(self.metrics_file, "mfu")
         if not mfu and tokens and (scale := self._mfu_scale()):
             mfu = [t * scale for t in tokens]
         for key, values in (("phase/steady_step_s", steps), ("steady/tokens_per_s", tokens), ("steady/mfu", mfu)):
@@ -751,12 +751,9 @@ def experiment_id(client: Any, uri: str, name: str) -> str:
 
 def storage_fault(e: BaseException) -> str:
     """``disk full (ENOSPC)`` when ``e`` (or what caused it) is a storage fault, else ''."""
-    import errno
-
     seen: BaseException | None = e
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS,
-                                                        errno.EACCES):
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
             return os_error_text(seen)
         text = str(seen).lower()
         for needle, what in (("database or disk is full", "disk full (ENOSPC)"),
@@ -827,6 +824,8 @@ def _metrics_of(rec: dict[str, Any], metric_cls: Any, mfu_scale: float | None) -
     return out
 
 
-def _column(path: Path, key: str) -> list[float]:
+def metric_column(path: Path, key: str) -> list[float]:
+    """``key``'s numbers in a metrics.jsonl, in the order they were logged (a bool is no number)."""
     records, _ = read_new(path, 0)
-    return [float(r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [float(r[key]) for r in records
+            if isinstance(r, dict) and isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]

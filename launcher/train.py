@@ -36,6 +36,7 @@ from aitrain.launcher.config import JobConfig, job_config_from_dict
 from aitrain.launcher.data import MarkovTokens
 from aitrain.launcher.metrics import MetricsWriter
 from aitrain.launcher.preemption import Stopper
+from aitrain.launcher.util import STORAGE_ERRNOS
 from aitrain.strategies import checkpoint as ckpt
 from aitrain.strategies.api import apply, clip_grad_norm_, data_parallel_rank, forward_backward, mean_loss
 from aitrain.strategies.model import GPT, GPTArgs, cross_entropy
@@ -277,9 +278,6 @@ def _save(root: Path, step: int, model: Any, opt: Any, cfg: JobConfig, plan: Par
         print(f"aitrain: checkpoint step {step} saved to {path} in {time.perf_counter() - t0:.2f}s", flush=True)
 
 
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
-
-
 @record
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aitrain.launcher.train")
@@ -295,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(load_job(args.config))
     except OSError as e:
-        if e.errno not in _STORAGE_ERRNOS:
+        if e.errno not in STORAGE_ERRNOS:
             raise
         # A full or failing disk: @record's error file (on the same disk) would be written
-        # half and break the agent that reads it. The traceback goes to this rank's log; its
-        # last line (the errno and the path) is what the launch reports.
+        # half, and the agent would read it as none (launcher/agent.py). The traceback goes
+        # to this rank's log; its last line (the errno and the path) is what the launch reports.
         traceback.print_exc()
         raise SystemExit(1) from None
     return 0

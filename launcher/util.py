@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -16,10 +17,14 @@ USER_UMASK_ENV = "AITRAIN_USER_UMASK"  # the umask a user's program gets back (l
 _user_umask: list[int] = []
 
 
+# The errnos of a full or failing disk, or one aitrain may not write: a rank stops without
+# @record's error file (launcher/train.py), tracking keeps its spool for a later sync
+# (launcher/tracking.py), a failure's hint says what to do about the disk (launcher/agent.py).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES)
+
+
 def os_error_text(e: OSError) -> str:
     """``No space left on device (ENOSPC)``: what the system said, and the errno's name."""
-    import errno
-
     name = errno.errorcode.get(e.errno or 0, "")
     return f"{e.strerror or e}" + (f" ({name})" if name else "")
 

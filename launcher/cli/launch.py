@@ -327,8 +327,11 @@ def _hydra_main(argv: list[str]) -> None:
         started.append(True)
         redact_hydra_output()  # Hydra saved the overrides and config as given, secrets too
         try:
-            code = launch(cfg)
-            value = sweep_value(cfg, code)
+            from aitrain.launcher.sweep import current_sweep
+
+            sweep = current_sweep()  # read once: the job's name and parent run, then its result
+            code = launch(cfg, sweep=sweep)
+            value = sweep_value(cfg, code, sweep)
         except AitrainError as e:
             print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
             raise SystemExit(e.exit_code) from None
@@ -365,17 +368,17 @@ def _hydra_main(argv: list[str]) -> None:
 _submitted: dict[str, Any] = {}  # the job launch() last handed to a scheduler (a sweep's trial waits for it)
 
 
-def sweep_value(cfg: Any, code: int) -> float | None:
-    """In a sweep, this job's ``sweep.objective`` (what Hydra's sweeper optimises), recorded
-    for the sweep's parent run; None outside a sweep or for a dry run. A job handed to a
+def sweep_value(cfg: Any, code: int, sweep: dict[str, Any] | None) -> float | None:
+    """In a sweep (``sweep``: :func:`~aitrain.launcher.sweep.current_sweep`), this job's
+    ``sweep.objective`` (what Hydra's sweeper optimises), recorded for the sweep's parent run;
+    None outside a sweep or for a dry run. A job handed to a
     scheduler is waited for only under an optimising sweeper (which needs its value); under
     Hydra's basic sweeper the sweep submits every job without waiting."""
     from hydra.core.hydra_config import HydraConfig
 
-    from aitrain.launcher.sweep import current_sweep, objective, record_result, record_submitted, wait_for_job
+    from aitrain.launcher.sweep import objective, record_result, record_submitted, wait_for_job
     from aitrain.launcher.tracking import resolve_tracking_uri
 
-    sweep = current_sweep()
     submitted, run_dir = dict(_submitted), Path(str(cfg.run_dir))
     _submitted.clear()
     if sweep is None or cfg.dry_run:
@@ -503,12 +506,14 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
 
 
 def _dry_run(overrides: list[str], *, multirun: bool) -> int:
+    from aitrain.launcher.sweep import current_sweep
+
     jobs = sweep_jobs(overrides) if multirun else [overrides]
     with composing():
         for num, job_overrides in enumerate(jobs):
             try:
-                code = launch(compose_job(job_overrides, sweep_num=num if multirun else None),
-                              overrides=job_overrides)
+                cfg = compose_job(job_overrides, sweep_num=num if multirun else None)
+                code = launch(cfg, overrides=job_overrides, sweep=current_sweep())
             except AitrainError as e:
                 print(f"aitrain: error: {redact_text(str(e))}", file=sys.stderr, flush=True)
                 return e.exit_code
@@ -582,12 +587,12 @@ def plan(cfg: Any, overrides: Sequence[str] | None = None) -> tuple[Backend, Req
     return backend, backend.dryrun(spec)
 
 
-def launch(cfg: Any, *, overrides: Sequence[str] | None = None) -> int:
-    """Plan one composed job and print it, submit it, or run it here (a multirun calls this per job)."""
+def launch(cfg: Any, *, overrides: Sequence[str] | None = None, sweep: dict[str, Any] | None = None) -> int:
+    """Plan one composed job and print it, submit it, or run it here (a multirun calls this per
+    job, with the ``sweep`` it belongs to: :func:`~aitrain.launcher.sweep.current_sweep`)."""
     from aitrain.launcher.program import hydra_quote
-    from aitrain.launcher.sweep import child_run_name, current_sweep
+    from aitrain.launcher.sweep import child_run_name
 
-    sweep = current_sweep()
     if sweep is not None:
         # A sweep's job: named after its overrides (unique across sweeps), under the sweep's run.
         # Set as overrides too, so a job submitted to a cluster (sbatch, the Jobs API) gets them.

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from types import SimpleNamespace
 
-from aitrain.launcher.agent import rank_exits
+import pytest
+
+from aitrain.launcher.agent import rank_exits, storage_hint
 from aitrain.launcher.failures import (
     NodeResult,
     RankExit,
@@ -14,6 +18,8 @@ from aitrain.launcher.failures import (
     failures,
     root_cause_first,
 )
+from aitrain.launcher.tracking import storage_fault
+from aitrain.launcher.util import STORAGE_ERRNOS
 
 
 def test_the_rank_that_failed_first_comes_first() -> None:
@@ -95,3 +101,28 @@ def test_an_oom_killed_rank_is_the_root_cause_not_a_stopped_one() -> None:
     services = FakeServices({0: 5.0, 1: 5.2}, {})
     exits = rank_exits({0: failure(-9, 1), 1: failure(1, 2)}, range(2), services, "", {0}, "cgroup memory limit 1G")
     assert exits[0].rank == 0 and exits[0].oom and "OOM killer" in exits[0].summary()
+
+
+@pytest.mark.parametrize(("code", "hint"), [
+    (errno.ENOSPC, "the disk is full: free space there (df -h /ckpt/step5)"),
+    (errno.EDQUOT, "the disk quota is used up"),
+    (errno.EIO, "the storage failed (EIO): check the filesystem (/ckpt/step5)"),
+    (errno.EROFS, "the filesystem is read-only"),
+    (errno.EACCES, "permission denied: check the path's owner and mode (ls -ld /ckpt/step5)"),
+])
+def test_a_rank_that_failed_on_storage_gets_a_hint_for_its_errno(code: int, hint: str) -> None:
+    line = f"OSError: [Errno {code}] {os.strerror(code)}: '/ckpt/step5'"
+    assert storage_hint([RankExit(1, exit_code=1, error=line)]).startswith(hint)
+    # the launch's tracking takes the same errnos as a disk fault (its metrics spooled for a later sync)
+    try:
+        raise RuntimeError("log_batch failed") from OSError(code, os.strerror(code))
+    except RuntimeError as e:
+        assert storage_fault(e) == f"{os.strerror(code)} ({errno.errorcode[code]})"
+
+
+def test_every_storage_errno_has_a_hint_and_no_other_does() -> None:
+    def hint(code: int) -> str:
+        return storage_hint([RankExit(1, exit_code=1, error=f"OSError: {os.strerror(code)}")])
+
+    assert all(hint(c) for c in STORAGE_ERRNOS)
+    assert hint(errno.ENOENT) == "" and storage_fault(OSError(errno.ENOENT, "gone")) == ""

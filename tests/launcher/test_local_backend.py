@@ -166,6 +166,31 @@ def test_rank_failure_stops_every_rank(tmp_path: Path) -> None:
     _assert_all_gone(pids)
 
 
+HALF_WRITTEN_ERROR_FILE = """\
+import os, sys, time
+
+if os.environ["RANK"] == "1":
+    with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+        f.write('{"message": {"message": "OSError: [Errno 28')  # cut off by a full disk
+    print("OSError: [Errno 28] No space left on device: '/ckpt/step5'", file=sys.stderr, flush=True)
+    sys.exit(1)
+time.sleep(600)
+"""
+
+
+def test_a_half_written_rank_error_file_reports_the_ranks_own_failure(tmp_path: Path) -> None:
+    # @record writes TORCHELASTIC_ERROR_FILE on the disk that just filled up: what torch's
+    # agent finds there does not parse. The launch still reports the rank and its stderr.
+    (tmp_path / "script.py").write_text(HALF_WRITTEN_ERROR_FILE)
+    r = run_aitrain(["launch", "tracking=none", "fabric=off", "nproc_per_node=2", "--", "script.py"], tmp_path,
+                    timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "aitrain: error: the job failed: rank 1" in r.stderr
+    message = r.stderr[r.stderr.index("aitrain: error: the job failed: rank 1"):]
+    assert "No space left on device: '/ckpt/step5'" in message.splitlines()[0]
+    assert "JSONDecodeError" not in r.stdout + r.stderr and "elastic agent failed" not in r.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_tears_the_job_down(tmp_path: Path, sig: signal.Signals) -> None:
     pid_dir = tmp_path / "pids"

@@ -47,6 +47,10 @@ def test_objective_modes_and_sources(tmp_path: Path) -> None:
     assert objective(tmp_path, "acc", "max", None) == 0.4
     with pytest.raises(ConfigError, match="logged no 'bleu'"):
         objective(tmp_path, "bleu", "last", None)
+    # a flag is no value, nor is a line that is not a record; a cut-off last line is not read yet
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "acc": true}\n7\n{"step": 6, "acc": 0.9')
+    assert objective(tmp_path, "acc", "last", None) == 0.4
 
 
 def test_child_names_are_the_swept_values_and_the_sweep() -> None:
