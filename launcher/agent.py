@@ -65,6 +65,9 @@ class AgentRequest:
     cwd: str = ""  # where the ranks run (default: the agent's own directory)
     container: dict[str, Any] = field(default_factory=dict)  # runtime, label, mkdirs (launcher/container.py)
     fork_server: bool = False  # start the ranks from the agent's zygote (launcher/zygote.py) where it can
+    # The pre-launch smoke all_reduce over the job's nodes, run by the agents before their ranks:
+    # {"port": rendezvous port, "timeout": seconds, "dir": where each node writes its outcome}.
+    smoke: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -107,6 +110,11 @@ def run_agent(req: AgentRequest, zygote: Zygote | None = None) -> AgentResult:
     from aitrain.launcher.node.services import NodeServices
     from aitrain.launcher.zygote import forkable
 
+    if req.smoke:  # the smoke all_reduce first: ranks start only on nodes that can talk to each other
+        smoke = run_smoke(req, zygote)
+        if not smoke["ok"]:
+            return AgentResult(False, SMOKE_FAILED_EXIT, f"the smoke all_reduce failed on this node: {smoke['error']}",
+                               "the launcher bisects the nodes to name the bad one(s)", node=_node_name(req))
     if zygote is not None and req.fork_server and forkable(req.argv):
         req = replace(req, argv=zygote.wrap(req.argv), env={**req.env, **zygote.env()})
     elif zygote is not None:
@@ -119,6 +127,43 @@ def run_agent(req: AgentRequest, zygote: Zygote | None = None) -> AgentResult:
         code, message, hint = hang
         return AgentResult(False, code, message, hint, node=result.node, ranks=result.ranks)
     return result
+
+
+SMOKE_FAILED_EXIT = 3
+
+
+def run_smoke(req: AgentRequest, zygote: Zygote | None) -> dict[str, Any]:
+    """This node's part of the smoke all_reduce (``aitrain.fabric.bench_rank --mode smoke``, one
+    rank per node, the tuned env), forked from the zygote where there is one (no second torch
+    import); its outcome is written to ``<smoke dir>/<node>.json`` for the launcher."""
+    import time
+
+    timeout = float(req.smoke.get("timeout", 30))
+    argv = [sys.executable, "-u", "-m", "aitrain.fabric.bench_rank", "--mode", "smoke", "--timeout", f"{timeout:g}"]
+    env = {**os.environ, **req.env, "RANK": str(req.node_rank), "GROUP_RANK": str(req.node_rank),
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "WORLD_SIZE": str(req.nnodes),
+           "MASTER_ADDR": req.master_addr, "MASTER_PORT": str(req.smoke["port"])}
+    if zygote is not None:
+        argv, env = zygote.wrap(argv), {**env, **zygote.env()}
+    t0 = time.monotonic()
+    try:
+        out = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=timeout + 30, check=False)
+        code, err = out.returncode, out.stderr
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        code, err = -9, f"{tail}\nno answer within {timeout + 30:g}s"
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith(("W1", "I1"))]
+    doc = {"node": _node_name(req) or str(req.node_rank), "ok": code == 0, "exit_code": code,
+           "seconds": time.monotonic() - t0, "error": lines[-1] if code and lines else ("" if code == 0 else
+                                                                                       f"exit {code}")}
+    try:
+        directory = Path(req.smoke["dir"])
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / f"{doc['node']}.json", json.dumps(doc))
+    except OSError:
+        pass
+    return doc
 
 
 def _node_name(req: AgentRequest) -> str:

@@ -133,13 +133,14 @@ class Preflight:
 
 
 def run_preflight(nodes: NodeSet, job: JobConfig, *, job_env: Mapping[str, str] | None = None,
-                  run_dir: Path | None = None, trace_dir: str | None = None, use_cache: bool = False
-                  ) -> Preflight:
+                  run_dir: Path | None = None, trace_dir: str | None = None, use_cache: bool = False,
+                  smoke: bool = True) -> Preflight:
     """Probe, check, gate, tune and smoke-test ``nodes`` for ``job``.
 
     ``run_dir``: where ``preflight.json``, ``smoke.json`` and the phase timings go (None: a dry
     run, nothing is written and no smoke test runs). ``use_cache``: probe and check through the
-    per-host cache (this host only)."""
+    per-host cache (this host only). ``smoke=False``: the caller runs the smoke test itself (Slurm's
+    node agents run it before their ranks, and :func:`smoke_step` only when it fails)."""
     fabric = job.fabric
     names = list(nodes.names)
     pf = Preflight(nodes=names)
@@ -165,7 +166,7 @@ def run_preflight(nodes: NodeSet, job: JobConfig, *, job_env: Mapping[str, str] 
         pf.addresses = {n: nodes.fallback_address(n) or "" for n in names}
     if run_dir is not None:
         record_timings(pf, run_dir)
-    if multi and fabric.smoke and run_dir is not None:
+    if multi and fabric.smoke and smoke and run_dir is not None:
         smoke_step(pf, nodes, job, job_env or {}, run_dir)
     return pf
 

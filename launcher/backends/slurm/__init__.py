@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +50,7 @@ from aitrain.launcher.container import agent_argv, agent_container, check_ready
 from aitrain.launcher.environment import SlurmEnvironment, detect
 from aitrain.launcher.failures import RankExit, describe, exit_code_of, failures
 from aitrain.launcher.job import JobSpec, user_program
-from aitrain.launcher.pipeline import AgentNodes, run_preflight
+from aitrain.launcher.pipeline import AgentNodes, Preflight, run_preflight, smoke_step
 from aitrain.launcher.preemption import ENV as PREEMPT_ENV
 from aitrain.launcher.preemption import MARKER as PREEMPTED_MARKER
 from aitrain.launcher.util import port_on, private_dir, write_atomic
@@ -366,7 +367,8 @@ class SlurmBackend(Backend):
         return req
 
     def _agent_requests(self, req: AllocationRequest, slurm: SlurmEnvironment, *, rendezvous: str, port: int,
-                        node_env: Mapping[str, Mapping[str, str]]) -> list[AgentRequest]:
+                        node_env: Mapping[str, Mapping[str, str]], smoke: dict[str, Any] | None = None
+                        ) -> list[AgentRequest]:
         from aitrain.launcher.node.services import services_options
         from aitrain.launcher.preemption import agent_grace_s
         from aitrain.launcher.resources import plan_node
@@ -387,6 +389,7 @@ class SlurmBackend(Backend):
                 argv=agent_argv(spec, env, i),
                 container=agent_container(spec, i),
                 fork_server=not spec.needs_trampoline and spec.container is None,
+                smoke=dict(smoke or {}),
                 nproc_per_node=spec.nproc_per_node,
                 master_addr=rendezvous,
                 master_port=port,
@@ -405,30 +408,25 @@ class SlurmBackend(Backend):
     def run(self, request: Request) -> Outcome:
         """The pipeline over the allocation's nodes, then one agent per node."""
         assert isinstance(request, AllocationRequest) and request.slurm is not None
-        from aitrain.launcher.tracking import WORLD_FILE, record_world
+        from aitrain.launcher.tracking import WORLD_FILE
 
         spec, slurm = request.spec, request.slurm
         marker = spec.run_dir / PREEMPTED_MARKER
         marker.unlink(missing_ok=True)
         (spec.run_dir / WORLD_FILE).unlink(missing_ok=True)  # a requeued attempt starts on every node again
         self._record_queue_wait(slurm, spec.run_dir)
-        pf = run_preflight(SlurmNodes(self, slurm, spec), spec.config, job_env=request.env, run_dir=spec.run_dir)
+        nodes = SlurmNodes(self, slurm, spec)
+        # The smoke all_reduce runs in the node agents, just before their ranks: they import torch
+        # anyway (a separate smoke step costs one more interpreter per node). Only when it fails
+        # does the pipeline's own smoke test run, to bisect and name the bad node(s).
+        in_agents = bool(spec.config.fabric.smoke) and slurm.nnodes > 1 and \
+            not (spec.container is not None and spec.container.runtime == "pyxis")
+        pf = run_preflight(nodes, spec.config, job_env=request.env, run_dir=spec.run_dir, smoke=not in_agents)
         request.env_reasons.update(pf.reasons)
-        srun = request.srun
-        if pf.excluded:  # bad nodes were left out (fabric.exclude_bad_nodes=true)
-            record_world(spec.run_dir, nnodes=len(pf.nodes), nproc_per_node=spec.nproc_per_node,
-                         excluded=pf.excluded)
-            slurm = replace(slurm, nodes=tuple(pf.nodes))
-            srun = self._agents_srun(spec, slurm, [f"--nodelist={','.join(pf.nodes)}"])
-        rendezvous = pf.rendezvous
-        port = port_on(rendezvous)
-        agents = self._agent_requests(request, slurm, rendezvous=rendezvous, port=port, node_env=pf.env)
-        write_atomic(spec.run_dir / "agents.json", json.dumps([asdict(a) for a in agents]), mode=0o600)
-        for a in agents:
-            Path(a.result_file).unlink(missing_ok=True)
-        print(f"aitrain: {slurm.nnodes} nodes ({', '.join(slurm.nodes)}), rendezvous {rendezvous}:{port}, "
-              f"attempt {slurm.restart_count + 1}", flush=True)
-        proc = subprocess.run(srun, env={**self.environ, "SLURM_KILL_BAD_EXIT": "1"})
+        returncode, smoke_failed = self._start_agents(request, slurm, pf, smoke=in_agents)
+        if smoke_failed:
+            smoke_step(pf, nodes, spec.config, request.env, spec.run_dir)  # names the bad nodes, or leaves them out
+            returncode, _ = self._start_agents(request, slurm, pf, smoke=False)
         exits = node_exits(spec.run_dir)
         if marker.exists():
             if slurm.restart_count >= self.opts.max_requeues:
@@ -440,14 +438,57 @@ class SlurmBackend(Backend):
             return Outcome(JobState.PREEMPTED, 0, f"checkpoint saved on SIG{self.opts.signal}")
         failed = failures(exits)
         results = _node_results(spec.run_dir)
-        if proc.returncode != 0 or failed or any(not r.ok for r in results.values()):
+        if returncode != 0 or failed or any(not r.ok for r in results.values()):
             message = describe(exits) if failed else "\n".join(
                 f"node {n}: {r.message}" for n, r in results.items() if not r.ok) or \
-                f"the job failed: srun exited with code {proc.returncode}"
-            return Outcome(JobState.FAILED, exit_code_of(exits) if failed else (proc.returncode or 1), message,
+                f"the job failed: srun exited with code {returncode}"
+            return Outcome(JobState.FAILED, exit_code_of(exits) if failed else (returncode or 1), message,
                            f"per-rank output: {spec.log_dir}/<node>/; `aitrain status slurm://"
                            f"{slurm.cluster}/{slurm.job_id}` shows it too", tuple(failed))
         return Outcome.succeeded()
+
+    def _start_agents(self, request: AllocationRequest, slurm: SlurmEnvironment, pf: Preflight, *,
+                      smoke: bool) -> tuple[int, bool]:
+        """One node agent per node of ``pf.nodes``, until they end: (srun's exit code, whether the
+        agents' smoke all_reduce failed, in which case no rank started)."""
+        from aitrain.launcher.tracking import record_world
+
+        spec = request.spec
+        srun = request.srun
+        if pf.excluded:  # bad nodes were left out (fabric.exclude_bad_nodes=true)
+            record_world(spec.run_dir, nnodes=len(pf.nodes), nproc_per_node=spec.nproc_per_node,
+                         excluded=pf.excluded)
+            slurm = replace(slurm, nodes=tuple(pf.nodes))
+            srun = self._agents_srun(spec, slurm, [f"--nodelist={','.join(pf.nodes)}"])
+        rendezvous = pf.rendezvous
+        port = port_on(rendezvous)
+        smoke_dir = spec.run_dir / "smoke" / "agents"
+        smoke_req: dict[str, Any] = {}
+        if smoke:
+            shutil.rmtree(smoke_dir, ignore_errors=True)
+            smoke_port = port_on(rendezvous)
+            while smoke_port == port:
+                smoke_port = port_on(rendezvous)
+            smoke_req = {"port": smoke_port, "timeout": float(spec.config.fabric.smoke_timeout_s),
+                         "dir": str(smoke_dir)}
+        agents = self._agent_requests(request, slurm, rendezvous=rendezvous, port=port, node_env=pf.env,
+                                      smoke=smoke_req)
+        write_atomic(spec.run_dir / "agents.json", json.dumps([asdict(a) for a in agents]), mode=0o600)
+        for a in agents:
+            Path(a.result_file).unlink(missing_ok=True)
+        print(f"aitrain: {slurm.nnodes} nodes ({', '.join(slurm.nodes)}), rendezvous {rendezvous}:{port}, "
+              f"attempt {slurm.restart_count + 1}", flush=True)
+        proc = subprocess.Popen(srun, env={**self.environ, "SLURM_KILL_BAD_EXIT": "1"})
+        try:
+            if smoke:
+                _follow_agents_smoke(proc, smoke_dir, slurm.nodes, spec.run_dir)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        failed = smoke and any(not d.get("ok") for d in _smoke_docs(smoke_dir).values())
+        return proc.returncode, failed
 
     def _record_queue_wait(self, slurm: SlurmEnvironment, run_dir: Path) -> None:
         """phase/queue_wait_s: from submission to the start of this attempt (scontrol's times)."""
@@ -471,6 +512,38 @@ class SlurmBackend(Backend):
               f"(restart {slurm.restart_count + 1} of at most {self.opts.max_requeues})", flush=True)
         self.runner(["scontrol", "requeue", slurm.job_id])
         time.sleep(60)  # scontrol requeue terminates this script; don't report success before it does
+
+
+def _smoke_docs(directory: Path) -> dict[str, dict[str, Any]]:
+    docs = {}
+    for p in directory.glob("*.json"):
+        try:
+            docs[p.stem] = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+    return docs
+
+
+def _follow_agents_smoke(proc: subprocess.Popen[bytes], directory: Path, nodes: Sequence[str], run_dir: Path) -> None:
+    """Until every node agent has its smoke outcome (or srun ends): then, if they all passed,
+    say so and record the smoke phase as the pipeline's smoke test does."""
+    from aitrain.launcher.pipeline import SMOKE_FILE
+    from aitrain.launcher.tracking import record_phase
+
+    docs: dict[str, dict[str, Any]] = {}
+    while proc.poll() is None:
+        docs = _smoke_docs(directory)
+        if len(docs) >= len(nodes) or any(not d.get("ok") for d in docs.values()):
+            break
+        time.sleep(0.05)
+    if len(docs) < len(nodes) or not all(d.get("ok") for d in docs.values()):
+        return
+    seconds = max(float(d.get("seconds", 0.0)) for d in docs.values())
+    record_phase(run_dir, "smoke_test", seconds)
+    summary = f"smoke all_reduce ok on {len(nodes)} node(s)"
+    write_atomic(run_dir / SMOKE_FILE, json.dumps({"ok": True, "summary": summary, "in_agents": True,
+                                                   "nodes": list(nodes), "seconds": seconds}, indent=1))
+    print(f"aitrain: {summary} (in the node agents, {seconds:.1f}s)", flush=True)
 
 
 def _nnodes_given(spec: JobSpec) -> bool:
