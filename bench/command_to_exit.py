@@ -68,17 +68,37 @@ class PeakRss(threading.Thread):
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
-        self.peak = {"launcher": 0, "agent": 0, "rank": 0}
+        self.peak = {"launcher": 0, "agent": 0, "zygote": 0, "rank": 0, "rank client": 0}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            for pid, cmd in _descendants(self.pid).items():
-                role = ("launcher" if pid == self.pid else "agent" if "aitrain.launcher.agent" in cmd
-                        else "rank" if "python" in cmd else None)
-                if role:
-                    self.peak[role] = max(self.peak[role], _hwm_kib(pid))
+            found = _descendants(self.pid)
+            for pid, cmd in found.items():
+                self.peak[self.role(pid, cmd, found)] = max(self.peak[self.role(pid, cmd, found)], _hwm_kib(pid))
             self.done.wait(0.05)
+
+    def role(self, pid: int, cmd: str, found: dict[int, str]) -> str:
+        """The agent forks its zygote, which forks the ranks: all three have the agent's command
+        line; a rank's client (what torch's agent started) is ``aitrain.launcher.zygote``."""
+        if pid == self.pid:
+            return "launcher"
+        if "aitrain.launcher.zygote" in cmd:
+            return "rank client"
+        if "aitrain.launcher.agent" in cmd:
+            parent = _ppid(pid)
+            if "aitrain.launcher.agent" not in found.get(parent, ""):
+                return "agent"
+            return "zygote" if "aitrain.launcher.agent" not in found.get(_ppid(parent), "") else "rank"
+        return "rank" if "python" in cmd else "launcher"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def time_to_exit(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 180) -> tuple[float, dict[str, int]]:

@@ -150,7 +150,8 @@ class NodeServices:
 
     def _spawned(self, when: float) -> None:
         self.exits.spawned()
-        marks = {"node": self.node, "start": self.started, "spawn": when, "rendezvous_s": when - self.started}
+        marks = {"node": self.node, "start": self.started, "spawn": when, "rendezvous_s": when - self.started,
+                 "rendezvous": f"{getattr(self.req, 'master_addr', '')}:{getattr(self.req, 'master_port', '')}"}
         _write_json(self.progress_dir / f"agent-{sysmetrics.metric_name(self.node)}.json", marks)
 
     def _write_node_info(self) -> None:

@@ -102,6 +102,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_each_in_its_own_process_and_run_d
     assert all(o["state"] == "SUCCEEDED" for o in outcomes), outcomes
     pids = {json.loads((d / "launcher.json").read_text()).get("pid") for d in run_dirs}
     assert len(pids) == 2  # two launcher processes: joblib's workers ran the jobs side by side
+    ports = {json.loads(next((d / "progress").glob("agent-*.json")).read_text())["rendezvous"] for d in run_dirs}
+    assert len(ports) == 2  # each job its own rendezvous port
     runs = _runs(tmp_path)
     parent = next(x for x in runs if x.data.tags.get("aitrain.sweep") == "parent")
     assert parent.data.tags["aitrain.sweep.launcher"].endswith("JoblibLauncher")
