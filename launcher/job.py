@@ -15,6 +15,7 @@ import dataclasses
 import importlib.machinery
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -308,6 +309,21 @@ def _ray_ships_code(job: JobConfig) -> bool:
     return any(env.get(k) for k in ("working_dir", "py_modules", "pip", "conda", "uv"))
 
 
+def _allocation_nnodes(job: JobConfig) -> int | None:
+    """Inside a Slurm allocation, a Slurm job without ``nnodes`` runs on all of its nodes (as
+    srun does): planned with that many from the start (degrees, batch splits, world size)."""
+    if getattr(job.backend, "name", "") != "slurm":
+        return None
+    from aitrain.launcher.environment import SlurmEnvironment, detect
+
+    if detect(os.environ).kind != "slurm":
+        return None
+    try:
+        return SlurmEnvironment.from_env(os.environ).nnodes
+    except ConfigError:
+        return None
+
+
 def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, overrides: Sequence[str],
              backend: Backend, launch_dir: Path | None = None, chdir: bool = False) -> JobSpec:
     """The checked, frozen spec of one composed job. Writes nothing.
@@ -317,6 +333,11 @@ def plan_job(job: JobConfig, *, resolved: Mapping[str, Any], config_yaml: str, o
     launch_dir = (launch_dir or Path.cwd()).resolve()
     gpus = getattr(job.backend, "gpus_per_node", None)
     job = dataclasses.replace(job, nproc_per_node=local_world_size(job.nproc_per_node, gpus_per_node=gpus))
+    allocation = None if any(override_key(o) == "nnodes" for o in overrides) else _allocation_nnodes(job)
+    if allocation and allocation != job.nnodes:  # and so in job.yaml and the run's params
+        job = dataclasses.replace(job, nnodes=allocation)
+        resolved = {**resolved, "nnodes": allocation}
+        config_yaml = re.sub(r"(?m)^nnodes: .*$", f"nnodes: {allocation}", config_yaml, count=1)
     check_job(job, launch_dir)
     resources = ResourceRequest.from_config(job)
     run_dir = Path(job.run_dir or ".").resolve()  # set by Hydra (None only in `--cfg job --resolve`)

@@ -212,6 +212,15 @@ def test_the_whole_allocation_when_nnodes_is_left_out_or_matches(tmp_path: Path)
         assert "node n1 (node_rank 0)" in r.stdout and "node n2 (node_rank 1)" in r.stdout
 
 
+def test_a_job_without_nnodes_is_planned_over_the_whole_allocation(tmp_path: Path) -> None:
+    # 2 nodes x 2 ranks: FSDP over 4 shards fits the allocation (planned as 1 node it would not).
+    r = launch_inside(tmp_path, "+strategy=fsdp", "parallel.dp_shard=4", "nproc_per_node=2")
+    assert r.returncode == 0, r.stderr
+    assert "WORLD_SIZE" not in r.stderr and "node n2 (node_rank 1): rendezvous" in r.stdout
+    run_dir = next(ln.split("run_dir: ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("run_dir: "))
+    assert not Path(run_dir).exists()  # a dry run writes nothing
+
+
 def test_more_ranks_than_the_allocation_has_gpus_per_node(tmp_path: Path) -> None:
     r = launch_inside(tmp_path, "nnodes=2", "nproc_per_node=4", SLURM_GPUS_ON_NODE="2")
     assert r.returncode == 2, r.stderr

@@ -127,6 +127,9 @@ def test_wrapper_script_with_sbatch(tmp_path: Path, env: dict[str, str]) -> None
     out = (tmp_path / f"aitrain-{jobid}.out").read_text()
     assert st["state"] == "SUCCEEDED", out
     assert "step 5/5" in out
+    # nnodes left out: the whole allocation, in the plan and in what the run records.
+    runs, _ = mlflow_runs(tmp_path)
+    assert runs[0].data.params["nnodes"] == "2" and runs[0].data.tags["world_size"] == "2"
 
 
 def test_status_logs_and_cancel(tmp_path: Path, env: dict[str, str]) -> None:
