@@ -124,8 +124,32 @@ def recover_from_registry(say: Callable[[str], None] | None = _stderr, *, store:
 
 
 def recover_from_store(store: Any, experiment_ids: list[str],
-                       say: Callable[[str], None] | None = _stderr) -> int:
+                       say: Callable[[str], None] | None = _stderr, *, uri: str | None = None) -> int:
     """The killed launches among the store's RUNNING runs (``aitrain runs``; ``store``: a
-    :mod:`aitrain.launcher.runstore` reader)."""
+    :mod:`aitrain.launcher.runstore` reader), and with ``uri`` the parent runs of killed sweeps."""
     runs = store.search(experiment_ids, limit=200, status="RUNNING")
-    return recover_dirs((r.data.tags["aitrain.run_dir"] for r in runs if r.data.tags.get("aitrain.run_dir")), say)
+    done = recover_dirs((r.data.tags["aitrain.run_dir"] for r in runs if r.data.tags.get("aitrain.run_dir")), say)
+    for r in runs:
+        if uri is not None and r.data.tags.get("aitrain.sweep") == "parent":
+            try:
+                done += recover_sweep(r, uri, say)
+            except Exception as e:  # never let a ghost take down the command that found it
+                if say is not None:
+                    say(f"aitrain: could not end the sweep run {r.info.run_id} ({type(e).__name__}: {e})")
+    return done
+
+
+def recover_sweep(run: Any, uri: str, say: Callable[[str], None] | None = _stderr) -> bool:
+    """End KILLED the parent run of a sweep (``aitrain launch -m``) whose process is gone from
+    this host without ending it: killed, or stopped by a job's failure under Hydra's basic
+    sweeper. Its jobs' runs are recovered on their own."""
+    sweep_dir = run.data.tags.get("aitrain.sweep.dir")
+    if not sweep_dir or not launcher_gone(Path(sweep_dir)):
+        return False
+    from aitrain.launcher.tracking import open_client
+
+    open_client(uri).set_terminated(run.info.run_id, "KILLED")
+    if say is not None:
+        say(f"aitrain: MLflow run {run.info.run_id} (sweep {sweep_dir}) was left RUNNING by a sweep that ended "
+            "without finishing it; it is marked KILLED")
+    return True

@@ -215,6 +215,9 @@ class SweepTracking(Callback):
                 run = client.create_run(experiment_id(client, uri, experiment), run_name=f"sweep {sweep_dir.name}",
                                         tags=tags)
                 info.update(parent_run_id=run.info.run_id, uri=uri)
+                from aitrain.launcher.ghosts import record_launcher
+
+                record_launcher(sweep_dir)  # a killed sweep's run is ended KILLED later (ghosts.recover_sweep)
             except Exception as e:  # the sweep runs anyway; its jobs are tracked on their own
                 print(f"aitrain: could not make the sweep's MLflow run: {redact_text(str(e))}", flush=True)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")

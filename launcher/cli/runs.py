@@ -168,7 +168,7 @@ def list_runs(args: argparse.Namespace) -> int:
         exp_id = store.experiment_id(args.experiment)
         if exp_id is None:
             raise AitrainError(f"no experiment {args.experiment!r} in this MLflow store", "pass --experiment NAME")
-        if recover_from_store(store, [exp_id]):  # runs left RUNNING by a launcher that was killed
+        if recover_from_store(store, [exp_id], uri=uri):  # runs left RUNNING by a launcher that was killed
             store = open_runs(uri, lambda: _client(args)[0])  # see what the recovery wrote
         runs = store.search([exp_id], limit=max(1, args.last))
     except (urllib.error.URLError, OSError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,36 @@ def test_joblib_launcher_runs_jobs_in_parallel_each_in_its_own_process_and_run_d
     parent = next(x for x in runs if x.data.tags.get("aitrain.sweep") == "parent")
     assert parent.data.tags["aitrain.sweep.launcher"].endswith("JoblibLauncher")
     assert sum(1 for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id) == 2
+
+
+def test_a_killed_sweep_leaves_no_running_parent_run(tmp_path: Path) -> None:
+    """SIGKILL to a sweep mid-job: its callback never ends the parent run, but the next
+    `aitrain runs` finds the sweep gone and ends it KILLED, as it does the job's run."""
+    import os
+    import signal
+    import subprocess
+
+    from aitrain_testing import aitrain_argv, wait_until
+
+    proc = subprocess.Popen(aitrain_argv() + ["launch", "-m", "train.lr=1e-3,3e-3", "train.steps=100000",
+                                              "train.log_every=1", *TINY],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_until(lambda: list(tmp_path.glob("outputs/multirun/*/*/*/progress/rank0.json")), 120,
+                   "the first job's rank stepping")
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    r = run_aitrain(["runs", "--last", "5", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    parent = next(x for x in rows if x["sweep"])
+    job = next(x for x in rows if x["parent_run_id"] == parent["run_id"])
+    assert (parent["status"], job["status"]) == ("KILLED", "KILLED"), rows
+    assert "was left RUNNING by a sweep" in r.stderr
+    again = run_aitrain(["runs", "--last", "5"], tmp_path)
+    assert "left RUNNING" not in again.stderr  # once
