@@ -64,8 +64,15 @@ def test_a_forked_rank_keeps_stdio_exit_codes_signals_and_falls_back_to_exec(tmp
 def _launch(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(aitrain_argv() + ["launch", "tracking=none", "train.steps=100000", "train.log_every=1",
                                               "model.n_layer=1", "model.d_model=32", *extra],
-                            cwd=tmp_path, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            cwd=tmp_path, env=_shell_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _shell_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """A user's shell: no PYTHONUNBUFFERED (the job sets it for its ranks; the zygote must not
+    take that for a start-up change and exec every rank)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return {**env, **(extra or {})}
 
 
 def _rank_pids(tmp_path: Path) -> list[int]:
