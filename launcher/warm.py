@@ -27,7 +27,9 @@ def warm_compatible(argv: list[str], before: dict[str, str], after: dict[str, st
     """Whether ``argv`` can run in a warm interpreter started with env ``before``."""
     if len(argv) < 2 or argv[0] != sys.executable or not program_of(argv):
         return False
-    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    # Both warm interpreters run programs unbuffered (Ray's is started with -u, the zygote's
+    # children get unbuffered stdio): PYTHONUNBUFFERED is no start-up change for them.
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and k != "PYTHONUNBUFFERED"}
     return not any(STARTUP_VARS.match(k) for k in changed)
 
 

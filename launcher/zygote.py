@@ -227,10 +227,7 @@ def _start_child(conn: socket.socket, listener: socket.socket, sel: selectors.Ba
             os.close(fd)
         conn.close()
         return
-    # PYTHONUNBUFFERED holds in the child whatever the zygote had: its stdio is made unbuffered (_child).
-    env = {k: v for k, v in req["env"].items() if k != "PYTHONUNBUFFERED"}
-    before = {k: v for k, v in _ZYGOTE_ENV.items() if k != "PYTHONUNBUFFERED"}
-    why = _safe() or ("" if warm_compatible(req["argv"], before, env) else
+    why = _safe() or ("" if warm_compatible(req["argv"], _ZYGOTE_ENV, req["env"]) else
                       "the rank's env changes what Python or torch read at start-up")
     if why:
         _send(conn, {"exec": why})

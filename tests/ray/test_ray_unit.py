@@ -298,6 +298,7 @@ def test_warm_interpreter_only_for_plain_python_programs() -> None:
     assert not warm_compatible(["/bin/sh", "x"], {}, {})
     assert not warm_compatible([py, "s.py"], {}, {"LD_PRELOAD": "x.so"})
     assert not warm_compatible([py, "s.py"], {"PYTHONPATH": "a"}, {"PYTHONPATH": "b"})
+    assert warm_compatible([py, "-u", "s.py"], {}, {"PYTHONUNBUFFERED": "1"})  # warm programs run unbuffered
 
 
 # -- the Jobs API side with a stand-in client (the backend takes it as an argument) ------------
