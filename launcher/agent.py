@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         req = AgentRequest(**json.loads(line))
     elif argv[0] == "--slurm":
         req = _slurm_request(argv[1])
-        if req.fork_server:
+        if req.fork_server or req.smoke:  # the smoke rank is forked from the zygote too
             import torch.distributed.launcher.api  # noqa: F401, I001  (before the zygote forks from here)
 
             from aitrain.launcher.zygote import Zygote

@@ -75,8 +75,8 @@ def main() -> None:
             run_profiled(args, profile, int(os.environ.get("RANK", "0")))
     if os.environ.get("AITRAIN_CONTAINER") == "podman":  # container.CONTAINER_ENV: args is `podman run ...`
         args = _podman_rank(args)
-    # Python ignores SIGPIPE and SIGXFSZ; the program gets them back as subprocess would give them
-    # (an ignored SIGPIPE inherited by `podman run` makes it lose its container's exit).
+    # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: the
+    # program gets them back at their defaults, as subprocess (and so torchrun) gives them.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
     os.execvp(args[0], args)
