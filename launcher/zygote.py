@@ -241,12 +241,24 @@ def _start_child(conn: socket.socket, listener: socket.socket, sel: selectors.Ba
         try:
             sel.close()
             listener.close()
-            for c, _ in children.values():
+            for pidfd, (c, _) in children.items():
                 c.close()
+                os.close(pidfd)
             conn.close()
             code = _child(req, fds)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except SystemExit as e:  # as the interpreter ends on it: sys.exit("message") prints it, exit 1
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except KeyboardInterrupt:  # as the interpreter ends on it: the traceback, then killed by SIGINT
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         except BaseException:  # noqa: BLE001
             import traceback
 

@@ -23,7 +23,7 @@ from aitrain.launcher.zygote import Zygote
 z = Zygote.start()
 assert z is not None
 out = {"zygote": z.pid}
-for mode in ("ok", "exit3", "term", "env"):
+for mode in ("ok", "exit3", "term", "env", "exitmsg"):
     env = {**os.environ, **z.env(), "MODE": mode}
     if mode == "env":
         env["PYTHONHASHSEED"] = "7"  # read at interpreter start: this rank is started fresh
@@ -40,6 +40,8 @@ print(f"ppid={os.getppid()} cwd={os.getcwd()} torch={'torch' in sys.modules} arg
 print("to stderr", file=sys.stderr, flush=True)
 if mode == "exit3":
     sys.exit(3)
+if mode == "exitmsg":
+    sys.exit("bye from rank.py")
 if mode == "term":
     os.kill(os.getpid(), signal.SIGTERM)
 """
@@ -56,6 +58,7 @@ def test_a_forked_rank_keeps_stdio_exit_codes_signals_and_falls_back_to_exec(tmp
     # Forked from the zygote (its parent), with torch already imported; argv and cwd as `python rank.py`.
     assert f"ppid={out['zygote']} cwd={tmp_path} torch=True argv0=rank.py" in ok["stdout"], ok
     assert out["exit3"]["code"] == 3
+    assert out["exitmsg"]["code"] == 1 and out["exitmsg"]["stderr"].endswith("bye from rank.py\n")  # as python does
     assert out["term"]["code"] == -signal.SIGTERM  # the client ends as its rank did
     fresh = out["env"]
     assert fresh["code"] == 0 and f"ppid={out['zygote']}" not in fresh["stdout"] and "torch=False" in fresh["stdout"]
