@@ -122,6 +122,10 @@ def main(save_every: int, total_epochs: int, batch_size: int, snapshot_path: str
     if trainer.global_rank == 0:
         print(f"Done | world size {dist.get_world_size()} | mean final loss {loss.item() / dist.get_world_size():.4f}",
               flush=True)
+    # Under torch 2.13 on gloo, a rank that destroys the group straight after a collective now and
+    # then aborts at exit ("terminate called without an active exception", under plain torchrun
+    # too; 1 run in 5 here): every rank waits for the others first.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -44,6 +44,10 @@ def main() -> None:
         "file": __file__, "version": version("aitrain-fwdemo"), "argv": sys.argv, "cwd": os.getcwd(),
         "world_size": world, "mean_loss": total.item() / world,
     }))
+    # Under torch 2.13 on gloo, a rank that destroys the group straight after a collective now and
+    # then aborts at exit ("terminate called without an active exception", under plain torchrun
+    # too): every rank waits for the others first, as tests/frameworks/scripts/accelerate_gather.py.
+    dist.barrier()
     dist.destroy_process_group()
 
 
